@@ -1,0 +1,205 @@
+"""Python API of the merge engine: :func:`merge` (a MergeKit-style config) and :func:`merge_lora` (adapter into base).
+
+Both validate everything first (config, files, headers, shapes, parameters), then stream the merge into a temporary
+directory that is renamed into place only when complete. The Dagster assets and the CLI call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .config import MergeConfig, load_config, parse_config
+from .device import describe, resolve_device, use_all_cores
+from .errors import ConfigError
+from .executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS, Executor, layout_shards
+from .hashing import sha256_files
+from .manifest import library_versions, model_card, write_manifest
+from .output_dir import atomic_output_dir
+from .plan import MergePlan, build_plan
+from .sources import ModelSource
+from .units import parse_size
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class MergeOptions(BaseModel):
+    """How to run a merge (not what to merge)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = "auto"
+    seed: int = 0
+    shard_size: int = Field(default=5 * 10**9, description="bytes per output shard")
+    allow_pickle: bool = False
+    download: bool = False
+    compute_dtype: str | None = Field(default=None, description="float32 (default) or float64")
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    hash_inputs: bool = True
+    copy_tokenizer: bool = True
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _cdt(cls, v):
+        if v not in (None, "float32", "float64"):
+            raise ValueError("compute_dtype must be float32 or float64")
+        return v
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    device: str
+    shards: list[str]
+    warnings: list[str] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"merged {self.tensors} tensors, {self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s on {self.device}; "
+                f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB -> {self.output_dir}")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _as_config(config: MergeConfig | dict | str | Path) -> tuple[MergeConfig, str]:
+    if isinstance(config, MergeConfig):
+        return config, "<config>"
+    if isinstance(config, dict):
+        return parse_config(config), "<config>"
+    return load_config(config), str(config)
+
+
+def plan_merge(config: MergeConfig | dict | str | Path, options: MergeOptions | None = None,
+               sources: dict[str, ModelSource] | None = None) -> MergePlan:
+    """Validate and plan without computing anything (what ``mergeline merge --dry-run`` prints)."""
+    options = options or MergeOptions()
+    cfg, _ = _as_config(config)
+    device = resolve_device(options.device)
+    cdt = {"float64": torch.float64, "float32": torch.float32}.get(options.compute_dtype or "")
+    return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
+                      device=device, compute_dtype=cdt, sources=sources)
+
+
+def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, options: MergeOptions | None = None,
+          *, progress: Callable[[int, int], None] | None = None, relation: str = "merge",
+          sources: dict[str, ModelSource] | None = None) -> MergeResult:
+    """Merge models as the config says and write a complete Hugging Face model directory to ``output_dir``."""
+    options = options or MergeOptions()
+    start = time.perf_counter()
+    cfg, _ = _as_config(config)
+    use_all_cores()
+    plan = plan_merge(cfg, options, sources)
+    device = resolve_device(options.device)
+    if options.shard_size <= 0:
+        raise ConfigError("shard size must be positive")
+
+    # input hashes in the background (cached; overlaps the merge)
+    hashes: dict[str, str] = {}
+    files = sorted({str(p) for s in plan.sources for p in s.input_files()})
+
+    def hash_inputs() -> None:
+        hashes.update(sha256_files([Path(f) for f in files]))
+
+    hasher = threading.Thread(target=hash_inputs, name="mergeline-hash-inputs", daemon=True)
+    if options.hash_inputs:
+        hasher.start()
+
+    shards = layout_shards(plan.tensors, options.shard_size)
+    total = len(plan.tensors)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    with atomic_output_dir(output_dir) as tmp:
+        Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick).run(tmp, shards)
+        index = {"metadata": {"total_size": plan.total_bytes},
+                 "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(plan.out_config, indent=2) + "\n")
+        if options.copy_tokenizer and plan.tokenizer_source is not None:
+            for f in plan.tokenizer_source.checkpoint.tokenizer_files():
+                shutil.copy2(f, tmp / f.name)
+        if cfg.chat_template:
+            _set_chat_template(tmp, cfg.chat_template)
+        if options.hash_inputs:
+            hasher.join()
+        seconds = time.perf_counter() - start
+        config_dump = cfg.model_dump(mode="json", exclude_none=True, by_alias=True)
+        manifest = {
+            "mergeline_manifest": 1,
+            "kind": relation,
+            "config": config_dump,
+            "method": cfg.merge_method,
+            "seed": options.seed,
+            "compute_dtype": str(plan.compute_dtype).replace("torch.", ""),
+            "device": describe(device),
+            "inputs": [{"reference": s.label, **s.paths} for s in plan.sources],
+            "input_sha256": hashes,
+            "output_shards": {s.filename: {"sha256": s.sha256, "bytes": s.nbytes, "tensors": len(s.tensors)}
+                              for s in shards},
+            "tensors": len(plan.tensors),
+            "total_bytes": plan.total_bytes,
+            "warnings": plan.warnings,
+            "versions": library_versions(),
+            "seconds": round(seconds, 3),
+        }
+        write_manifest(tmp, manifest)
+        bases = [s.label for s in plan.sources]
+        summary = (f"This model was made by merging {', '.join(f'`{b}`' for b in bases)} with the "
+                   f"`{cfg.merge_method}` method.")
+        (tmp / "README.md").write_text(model_card(bases, relation, yaml.safe_dump(config_dump, sort_keys=False), summary))
+    return MergeResult(Path(output_dir), len(plan.tensors), plan.total_bytes, time.perf_counter() - start,
+                       peak_rss_bytes(), describe(device), [s.filename for s in shards], plan.warnings, manifest)
+
+
+def merge_lora(base: str | Path, adapter: str | Path, output_dir: str | Path, options: MergeOptions | None = None,
+               *, progress: Callable[[int, int], None] | None = None, out_dtype: str | None = None) -> MergeResult:
+    """Merge a PEFT LoRA adapter into its base model (W + s·B·A per targeted module), PEFT semantics."""
+    options = options or MergeOptions()
+    src = ModelSource.from_parts(base, adapter, allow_pickle=options.allow_pickle)
+    label = src.label
+    cfg = {"merge_method": "passthrough", "models": [{"model": label}]}
+    if out_dtype:
+        cfg["dtype"] = out_dtype
+    return merge(cfg, output_dir, options, progress=progress, relation="finetune", sources={label: src})
+
+
+def _set_chat_template(out: Path, template: str) -> None:
+    """Record a chat template in tokenizer_config.json (a built-in name like 'chatml' or a Jinja string)."""
+    builtin = {
+        "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    }
+    if template in ("auto", "base"):
+        return
+    text = builtin.get(template, template)
+    if "{" not in text:
+        raise ConfigError(f"chat_template: '{template}' is neither a known template name (chatml, auto) nor a Jinja template")
+    path = out / "tokenizer_config.json"
+    conf = json.loads(path.read_text()) if path.exists() else {}
+    conf["chat_template"] = text
+    path.write_text(json.dumps(conf, indent=2) + "\n")

@@ -1,0 +1,179 @@
+"""A Hugging Face model directory seen as a lazy map of tensor name → :class:`TensorInfo`.
+
+Only headers are read when a checkpoint is opened; tensor bytes are read on demand, a row range at a time, by
+:func:`merge_ops.safetensors_io.read_rows`. Pickled weights (``*.bin``/``*.pt``) are refused unless the caller opts
+in, and are then loaded with ``torch.load(weights_only=True)`` into a temporary safetensors file so the rest of the
+engine sees one format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .safetensors_io import TensorInfo, read_header, read_rows
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    """Headers and config of one model directory. Holds no tensor data."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    weight_files: list[Path]
+    converted_from_pickle: bool = False
+    _tmpdir: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path, *, allow_pickle: bool = False, label: str | None = None) -> "Checkpoint":
+        path = Path(path)
+        who = f"model '{label}' ({path})" if label and label != str(path) else str(path)
+        if not path.exists():
+            raise InputError(f"{who}: directory does not exist")
+        if not path.is_dir():
+            raise InputError(f"{who}: expected a model directory (config.json + *.safetensors), got a file")
+        config_path = path / "config.json"
+        config: dict[str, Any] = {}
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as e:
+                raise InputError(f"{config_path}: invalid JSON ({e})") from e
+        files = _safetensors_files(path, who)
+        converted = False
+        tmp = None
+        if not files:
+            pickles = _pickle_files(path)
+            if not pickles:
+                raise InputError(
+                    f"{who}: no weights found (expected model.safetensors, or model-0000K-of-0000N.safetensors with "
+                    f"model.safetensors.index.json)"
+                )
+            if not allow_pickle:
+                raise InputError(
+                    f"{who}: only pickled weights ({', '.join(p.name for p in pickles)}) are present. Pickle files can "
+                    f"run arbitrary code when loaded; convert them to safetensors, or pass --allow-pickle to load them "
+                    f"with torch.load(weights_only=True)"
+                )
+            tmp = tempfile.TemporaryDirectory(prefix="mergeline-unpickled-")
+            files = [_convert_pickle(p, Path(tmp.name)) for p in pickles]
+            converted = True
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            infos, _ = read_header(f)
+            for name, info in infos.items():
+                if name in tensors:
+                    raise InputError(f"{who}: tensor '{name}' appears in both {tensors[name].file.name} and {f.name}")
+                tensors[name] = info
+        if not tensors:
+            raise InputError(f"{who}: the weight files hold no tensors")
+        return cls(path, config, tensors, files, converted, tmp)
+
+    # -- convenience -------------------------------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        return read_rows(self.tensors[name])
+
+    @property
+    def architecture(self) -> str | None:
+        archs = self.config.get("architectures")
+        return archs[0] if isinstance(archs, list) and archs else self.config.get("model_type")
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            v = self.config.get(key)
+            if isinstance(v, int):
+                return v
+        if isinstance(self.config.get("text_config"), dict):
+            v = self.config["text_config"].get("num_hidden_layers")
+            if isinstance(v, int):
+                return v
+        return None
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def input_files(self) -> list[Path]:
+        """Every file whose bytes influence a merge output (for the manifest's input hashes)."""
+        out = list(self.weight_files) if not self.converted_from_pickle else _pickle_files(self.path)
+        for name in ("config.json", INDEX_FILE):
+            if (self.path / name).is_file():
+                out.append(self.path / name)
+        return out
+
+
+def _safetensors_files(path: Path, who: str) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: invalid index file ({e}); expected a JSON object with a 'weight_map'") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise InputError(f"{who}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")
+        files = [path / n for n in names]
+        # cross-check: every tensor the index names must be in the shard it names
+        headers = {f.name: set(read_header(f)[0]) for f in files}
+        for tname, shard in weight_map.items():
+            if tname not in headers[shard]:
+                raise InputError(f"{who}: {INDEX_FILE} says tensor '{tname}' is in {shard}, but it is not there")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    others = sorted(p for p in path.glob("*.safetensors") if p.is_file() and not p.name.startswith("adapter_model"))
+    return others
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    index = path / PICKLE_INDEX
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: invalid index file ({e})") from e
+        return [path / n for n in names]
+    return sorted(
+        p for p in list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth"))
+        if p.is_file() and not p.name.startswith(("training_args", "optimizer", "scheduler", "rng_state", "adapter_model"))
+    )
+
+
+def _convert_pickle(src: Path, tmpdir: Path) -> Path:
+    """Load a pickle with ``weights_only=True`` (no code execution) and write it as safetensors."""
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError and others
+        raise InputError(f"{src}: cannot load with torch.load(weights_only=True): {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{src}: expected a state dict of tensors")
+    out = tmpdir / (src.stem + f"-{os.getpid()}.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out

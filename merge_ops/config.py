@@ -1,0 +1,205 @@
+"""MergeKit-style merge configs as strict pydantic models.
+
+Strict on purpose: MergeKit silently ignores many typos (``desnity: 0.5`` merges with the default density). Here an
+unknown key, method or parameter is an error at parse time, with the YAML path and the closest valid spelling, before
+any model is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "f64": "float64",
+}
+
+
+class FilteredValue(BaseModel):
+    """One entry of a ``[{filter, value}]`` parameter list: applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[float, list[float]]
+
+    @field_validator("value")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("a gradient list needs at least one value")
+        return v
+
+
+ParamValue = Union[bool, float, list[float], list[FilteredValue]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v):
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range {list(v)} must be [start, end) with 0 <= start < end")
+        return v
+
+
+class SliceSpec(_Strict):
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    base_model: str | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in v}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return v
+
+
+class TokenizerSpec(_Strict):
+    source: str = "base"
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[SliceSpec] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is None:
+            return v
+        key = str(v).lower().replace("torch.", "")
+        if key not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16, float64")
+        return DTYPE_ALIASES[key]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
+        return self
+
+    @property
+    def tokenizer_from(self) -> str:
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source or "base"
+
+    def all_model_refs(self) -> list[str]:
+        """Every model reference in order of first appearance (base first)."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            if s.base_model:
+                refs.append(s.base_model)
+            for src in s.sources:
+                refs.append(src.model)
+        seen: dict[str, None] = {}
+        for r in refs:
+            seen.setdefault(r, None)
+        return list(seen)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_non_empty(), list[FilteredValue]]",) or "function" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<top level>"
+
+
+_TOP_KEYS = list(MergeConfig.model_fields) + ["tokenizer"]
+
+
+def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
+    """Validate a config mapping; errors name the source file, the YAML path, and suggest a fix."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a merge config must be a YAML mapping, got {type(data).__name__}")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = _loc(err["loc"])
+            if err["type"] == "extra_forbidden":
+                key = str(err["loc"][-1])
+                allowed = _allowed_keys_at(err["loc"])
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                msgs.append(f"{loc}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                            + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))
+            elif err["type"] == "missing":
+                msgs.append(f"{loc}: required key is missing")
+            else:
+                msgs.append(f"{loc}: {err['msg']}")
+        # pydantic reports each union branch separately for parameter values; keep messages unique and readable
+        uniq = list(dict.fromkeys(msgs))
+        raise ConfigError(f"{source}: invalid merge config:\n  " + "\n  ".join(uniq)) from None
+
+
+def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
+    parts = [p for p in loc[:-1] if not isinstance(p, int)]
+    model: type[BaseModel] = MergeConfig
+    mapping = {"models": ModelEntry, "slices": SliceSpec, "sources": SliceSource, "tokenizer": TokenizerSpec}
+    for p in parts:
+        if p in mapping:
+            model = mapping[p]
+        elif p == "parameters":
+            return []
+    return list(model.model_fields)
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_config(data, str(path))

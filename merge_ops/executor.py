@@ -1,0 +1,219 @@
+"""Runs a :class:`~merge_ops.plan.MergePlan`: reads inputs row block by row block, calls the method, streams results
+into shards whose headers were written first.
+
+Memory stays flat in model size: a tensor's raw inputs are kept whole only when they fit ``cache_bytes`` (a
+constant), otherwise every pass re-reads row blocks of at most ``chunk_elements`` elements. Three threads overlap:
+a prefetcher reads the next tensor's inputs, the main thread computes, a writer thread writes and hashes output bytes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .methods.base import Chunk
+from .plan import InputRef, MergePlan, OutputTensor
+from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter
+
+DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
+DEFAULT_CACHE_BYTES = 192 * 1024 * 1024
+
+
+@dataclass
+class ShardInfo:
+    filename: str
+    tensors: list[OutputTensor]
+    nbytes: int
+    sha256: str = ""
+
+
+def layout_shards(tensors: list[OutputTensor], shard_size: int) -> list[ShardInfo]:
+    """Greedy, in plan order: a new shard starts when the next tensor would overflow ``shard_size``."""
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    return [ShardInfo(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, sum(t.nbytes for t in g))
+            for i, g in enumerate(groups)]
+
+
+def chunk_ranges(shape: tuple[int, ...], chunk_elements: int) -> list[tuple[int, int]]:
+    if len(shape) < 2:
+        return [(0, shape[0] if shape else 1)]
+    rows = shape[0]
+    row_elems = max(1, 1 if len(shape) < 2 else int(torch.tensor(shape[1:]).prod()))
+    per = max(1, chunk_elements // row_elems)
+    return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, 0)]
+
+
+class _Writer:
+    """One background thread that writes and hashes; ``submit`` blocks when too much is pending (bounded memory)."""
+
+    def __init__(self, max_pending: int = 3):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-writer")
+        self._slots = threading.Semaphore(max_pending)
+        self._futures: list[Future] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._slots.acquire()
+
+        def run():
+            try:
+                fn()
+            finally:
+                self._slots.release()
+
+        self._futures.append(self._pool.submit(run))
+        self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+
+    def drain(self) -> None:
+        for f in self._futures:
+            f.result()
+        self._futures = []
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Executor:
+    def __init__(self, plan: MergePlan, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Callable[[int], None] | None = None):
+        self.plan = plan
+        self.device = plan.tensors[0].task.device if plan.tensors and plan.tensors[0].task else torch.device("cpu")
+        for t in plan.tensors:
+            if t.task is not None:
+                self.device = t.task.device
+                break
+        self.chunk_elements = chunk_elements
+        self.cache_bytes = cache_bytes
+        self.progress = progress or (lambda n: None)
+
+    # -- raw input access --------------------------------------------------------------------------------------------
+    def _inputs(self, ot: OutputTensor) -> list[InputRef]:
+        refs = list(ot.inputs)
+        if ot.base is not None:
+            refs = [ot.base] + refs
+        if ot.copy_from is not None:
+            refs = [ot.copy_from]
+        return refs
+
+    def _prefetch(self, ot: OutputTensor) -> list[torch.Tensor] | None:
+        """Whole raw inputs of a tensor when they fit the cache budget (read in the prefetch thread)."""
+        refs = self._inputs(ot)
+        srcs = self.plan.sources
+        if ot.copy_from is not None and srcs[ot.copy_from.source].unchanged(ot.copy_from.tensor) and \
+                srcs[ot.copy_from.source].info(ot.copy_from.tensor).dtype == ot.dtype:
+            return None  # raw byte copy, done by the writer
+        total = sum(srcs[r.source].info(r.tensor).nbytes for r in refs)
+        if total > self.cache_bytes:
+            return None
+        return [srcs[r.source].read_raw(r.tensor) for r in refs]
+
+    def _load(self, ot: OutputTensor, cached: list[torch.Tensor] | None, index: int, r0: int, r1: int,
+              last: bool) -> Chunk:
+        srcs = self.plan.sources
+        dtype = ot.task.compute_dtype if ot.task else torch.float32
+        xs = []
+        for k, r in enumerate(self._inputs(ot)):
+            src = srcs[r.source]
+            raw = cached[k][r0:r1] if cached is not None and len(ot.shape) >= 1 else (
+                cached[k] if cached is not None else src.read_raw(r.tensor, r0, r1 if ot.shape else None))
+            xs.append(src.to_compute(r.tensor, raw, r0, dtype, self.device))
+        if ot.base is not None:
+            return Chunk(index, r0, r1, xs[0], xs[1:], last)
+        return Chunk(index, r0, r1, None, xs, last)
+
+    # -- per tensor --------------------------------------------------------------------------------------------------
+    def _ranges(self, ot: OutputTensor) -> list[tuple[int, int]]:
+        srcs = self.plan.sources
+        if not all(srcs[r.source].row_local(r.tensor) for r in self._inputs(ot)):
+            return [(0, ot.shape[0] if ot.shape else 1)]
+        return chunk_ranges(ot.shape, self.chunk_elements)
+
+    def _tensor(self, ot: OutputTensor, cached, emit: Callable[[torch.Tensor], None]) -> None:
+        out_dtype = ST_TO_TORCH[ot.dtype]
+        ranges = self._ranges(ot)
+        if ot.task is None:  # copy with a dtype change or an adapter applied
+            for i, (r0, r1) in enumerate(ranges):
+                c = self._load(ot, cached, i, r0, r1, i == len(ranges) - 1)
+                emit(c.models[0].to(out_dtype))
+            return
+        method, task = self.plan.method, ot.task
+        stats = method.init_stats(task)
+        passes = method.stats_passes(task, stats)
+        if len(ranges) == 1:
+            r0, r1 = ranges[0]
+            c = self._load(ot, cached, 0, r0, r1, True)
+            for p in range(passes):
+                method.accumulate(task, c, stats, p)
+                method.finish_pass(task, stats, p)
+            emit(method.apply(task, c, stats).to(out_dtype))
+            return
+        for p in range(passes):
+            for i, (r0, r1) in enumerate(ranges):
+                method.accumulate(task, self._load(ot, cached, i, r0, r1, i == len(ranges) - 1), stats, p)
+            method.finish_pass(task, stats, p)
+        for i, (r0, r1) in enumerate(ranges):
+            c = self._load(ot, cached, i, r0, r1, i == len(ranges) - 1)
+            emit(method.apply(task, c, stats).to(out_dtype))
+
+    # -- whole run ---------------------------------------------------------------------------------------------------
+    def run(self, out_dir: Path, shards: list[ShardInfo]) -> None:
+        writer = _Writer()
+        order = [ot for s in shards for ot in s.tensors]
+        pre = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-prefetch")
+        pending: "queue.SimpleQueue[Future]" = queue.SimpleQueue()
+        it = iter(order)
+
+        def schedule_next() -> None:
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.put(pre.submit(self._prefetch, nxt))
+
+        schedule_next()
+        try:
+            for shard in shards:
+                planned = [PlannedTensor(t.name, t.dtype, t.shape) for t in shard.tensors]
+                sw = ShardStreamWriter(out_dir / shard.filename, planned, {"format": "pt"})
+                try:
+                    for ot in shard.tensors:
+                        cached = pending.get().result()
+                        schedule_next()
+                        src = self.plan.sources[ot.copy_from.source] if ot.copy_from else None
+                        if src is not None and src.unchanged(ot.copy_from.tensor) and \
+                                src.info(ot.copy_from.tensor).dtype == ot.dtype:
+                            info = src.info(ot.copy_from.tensor)
+                            writer.submit(lambda sw=sw, name=ot.name, info=info: sw.copy_from_file(name, info))
+                        else:
+                            def emit(t: torch.Tensor, sw=sw, name=ot.name) -> None:
+                                t = t.cpu() if t.device.type != "cpu" else t
+                                writer.submit(lambda: sw.write(name, t))
+                            self._tensor(ot, cached, emit)
+                        self.progress(1)
+                    writer.drain()
+                    sw.close()
+                    shard.sha256 = sw.sha256.hexdigest()
+                except BaseException:
+                    sw.abort()
+                    raise
+        finally:
+            try:
+                writer.drain()
+            except BaseException:
+                pass
+            writer.close()
+            pre.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,366 @@
+"""From a validated config to a complete, checked plan of every output tensor — before any tensor byte is read.
+
+The plan knows each output tensor's name, shape and dtype, which input tensors feed it and every parameter value, so
+that (1) all errors surface before heavy work (missing tensors, shape mismatches, bad parameter values) and (2) the
+writer can lay out every shard and write its header first.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import MergeConfig
+from .errors import ConfigError, InputError, UnsupportedError
+from .methods import get_method
+from .methods.base import MergeMethod, TensorTask
+from .params import check_settings, resolve_param
+from .safetensors_io import TORCH_TO_ST
+from .sources import ModelSource
+
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings")
+DTYPE_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+def layer_index(name: str) -> int | None:
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def with_layer(name: str, new_index: int) -> str:
+    m = LAYER_RE.search(name)
+    assert m is not None
+    return name[: m.start(1)] + str(new_index) + name[m.end(1):]
+
+
+def natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass
+class InputRef:
+    source: int  # index into MergePlan.sources
+    tensor: str  # tensor name in that source
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code of the output
+    base: InputRef | None
+    inputs: list[InputRef]
+    task: TensorTask | None  # None when the tensor is copied
+    copy_from: InputRef | None = None  # byte copy (or cast) of one input, no method involved
+
+    @property
+    def nbytes(self) -> int:
+        from .safetensors_io import element_size
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * element_size(self.dtype)
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    sources: list[ModelSource]
+    donor: int
+    tensors: list[OutputTensor]
+    out_config: dict[str, Any]
+    tokenizer_source: ModelSource | None
+    compute_dtype: torch.dtype
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class _Slot:
+    """One input of one slice: which source, its layer offset, its parameters."""
+
+    source: int
+    start: int | None
+    params: dict[str, Any]
+    label: str
+
+
+def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool = False, seed: int = 0,
+               device: torch.device | None = None, compute_dtype: torch.dtype | None = None,
+               sources: dict[str, ModelSource] | None = None) -> MergePlan:
+    method_cls = get_method(cfg.merge_method)
+    # -- parameters are checked before any file is opened ------------------------------------------------------------
+    check_settings(method_cls, cfg.parameters, "parameters", "global")
+    for i, m in enumerate(cfg.models or []):
+        check_settings(method_cls, m.parameters, f"models[{i}].parameters", "model")
+    for k, s in enumerate(cfg.slices or []):
+        check_settings(method_cls, s.parameters, f"slices[{k}].parameters", "slice")
+        for j, src in enumerate(s.sources):
+            check_settings(method_cls, src.parameters, f"slices[{k}].sources[{j}].parameters", "model")
+    for spec in method_cls.params:
+        if spec.required and spec.scope == "global" and spec.name not in cfg.parameters and not all(
+                spec.name in s.parameters for s in (cfg.slices or [])):
+            raise ConfigError(f"parameters.{spec.name}: required by merge_method '{method_cls.name}' but not set")
+    if method_cls.base == "required" and not cfg.base_model and not any(s.base_model for s in cfg.slices or []):
+        raise ConfigError(f"base_model: merge_method '{method_cls.name}' needs a base_model")
+    _check_arity(cfg, method_cls)
+
+    # -- open every input (headers only) -----------------------------------------------------------------------------
+    refs = cfg.all_model_refs()
+    opened: list[ModelSource] = []
+    index: dict[str, int] = {}
+    for r in refs:
+        src = (sources or {}).get(r) or ModelSource.open(r, allow_pickle=allow_pickle, download=download)
+        index[r] = len(opened)
+        opened.append(src)
+    _check_architectures(opened)
+
+    compute = compute_dtype or (torch.float64 if cfg.dtype == "float64" else torch.float32)
+    method = method_cls()
+    dev = device or torch.device("cpu")
+    warnings: list[str] = []
+    if cfg.models is not None:
+        donor = index[cfg.base_model] if cfg.base_model else index[cfg.models[0].model]
+        slots_nb = [_Slot(index[m.model], None, m.parameters, m.model) for m in cfg.models]
+        base_ref = cfg.base_model if method_cls.base != "none" else None
+        base_slot = _Slot(index[base_ref], None, {}, base_ref) if base_ref else None
+        if base_ref:
+            slots_nb = [s for s in slots_nb if s.source != base_slot.source]
+        slices = [(base_slot, slots_nb, {}, None)]
+    else:
+        first = cfg.slices[0]
+        donor_ref = first.base_model or cfg.base_model or first.sources[0].model
+        donor = index[donor_ref]
+        slices = []
+        for s in cfg.slices:
+            base_ref = (s.base_model or cfg.base_model) if method_cls.base != "none" else None
+            base_slot = None
+            nb = []
+            for src in s.sources:
+                slot = _Slot(index[src.model], src.layer_range[0], src.parameters, src.model)
+                if base_ref and src.model == base_ref:
+                    base_slot = slot
+                else:
+                    nb.append(slot)
+            if base_ref and base_slot is None:
+                raise ConfigError(
+                    f"slices: base model '{base_ref}' must be one of the slice's sources (with a layer_range) "
+                    f"for merge_method '{method_cls.name}'")
+            slices.append((base_slot, nb, s.parameters, s.sources[0].layer_range))
+
+    donor_src = opened[donor]
+    tensors: list[OutputTensor] = []
+    out_layers = donor_src.checkpoint.num_layers
+    planner = _Planner(cfg, method, opened, dev, compute, seed, warnings)
+    names = sorted(donor_src.checkpoint.tensors, key=natural_key)
+    if cfg.models is not None:
+        base_slot, nb, slice_params, _ = slices[0]
+        n_layers = out_layers or 1
+        for name in names:
+            li = layer_index(name)
+            t = 0.0 if li is None else (li / (n_layers - 1) if n_layers > 1 else 1.0)
+            tensors.append(planner.output(name, name, base_slot, nb, slice_params, t, donor))
+    else:
+        non_layer = [n for n in names if layer_index(n) is None]
+        pre = [n for n in non_layer if any(h in n for h in PRE_HINTS)]
+        post = [n for n in non_layer if n not in pre]
+        out_i = 0
+        layer_map: list[int] = []  # output layer -> donor-side source layer (for per-layer config lists)
+        for name in pre:
+            base_slot, nb, sp, _ = slices[0]
+            tensors.append(planner.output(name, name, _whole(base_slot), [_whole(s) for s in nb], sp, 0.0, donor))
+        for k, (base_slot, nb, sp, rng) in enumerate(slices):
+            n = rng[1] - rng[0]
+            lead = base_slot or nb[0]
+            lead_src = opened[lead.source]
+            for j in range(n):
+                src_layer = lead.start + j
+                layer_names = sorted((nm for nm in lead_src.checkpoint.tensors if layer_index(nm) == src_layer),
+                                     key=natural_key)
+                if not layer_names:
+                    raise InputError(f"slices[{k}]: model '{lead.label}' has no tensors for layer {src_layer} "
+                                     f"(layer_range {list(rng)}; it has {lead_src.checkpoint.num_layers} layers)")
+                t = j / (n - 1) if n > 1 else 1.0
+                for nm in layer_names:
+                    out_name = with_layer(nm, out_i)
+
+                    def remap(slot: _Slot | None) -> _Slot | None:
+                        return None if slot is None else _Slot(slot.source, slot.start + j, slot.params, slot.label)
+
+                    tensors.append(planner.output(out_name, nm, remap(base_slot), [remap(s) for s in nb], sp, t,
+                                                  lead.source, layer_of_lead=src_layer))
+                layer_map.append(src_layer)
+                out_i += 1
+        for name in post:
+            base_slot, nb, sp, _ = slices[-1]
+            tensors.append(planner.output(name, name, _whole(base_slot), [_whole(s) for s in nb], sp, 0.0, donor))
+        out_layers = out_i
+    out_config = _output_config(donor_src, cfg, tensors, out_layers, None if cfg.models is not None else layer_map)
+    tok = _tokenizer_source(cfg, opened, index, donor, allow_pickle, download)
+    return MergePlan(cfg, method, opened, donor, tensors, out_config, tok, compute, warnings)
+
+
+def _whole(slot: _Slot | None) -> _Slot | None:
+    return None if slot is None else _Slot(slot.source, None, slot.params, slot.label)
+
+
+class _Planner:
+    def __init__(self, cfg: MergeConfig, method: MergeMethod, sources: list[ModelSource], device: torch.device,
+                 compute: torch.dtype, seed: int, warnings: list[str]):
+        self.cfg, self.method, self.sources = cfg, method, sources
+        self.device, self.compute, self.seed, self.warnings = device, compute, seed, warnings
+
+    def _name_in(self, slot: _Slot, name: str, layer_of_lead: int | None) -> str:
+        if slot.start is None or layer_of_lead is None:
+            return name
+        return with_layer(name, slot.start)
+
+    def output(self, out_name: str, name: str, base_slot: _Slot | None, nb: list[_Slot], slice_params: dict,
+               t: float, lead: int, layer_of_lead: int | None = None) -> OutputTensor:
+        cfg, method = self.cfg, self.method
+        lead_src = self.sources[lead]
+        info = lead_src.info(name)
+        shape = info.shape
+        out_dtype = DTYPE_TO_ST[cfg.out_dtype or cfg.dtype] if (cfg.out_dtype or cfg.dtype) else info.dtype
+        if not info.is_float:
+            return OutputTensor(out_name, shape, info.dtype, None, [], None, copy_from=InputRef(lead, name))
+
+        def ref(slot: _Slot) -> InputRef | None:
+            src = self.sources[slot.source]
+            tname = self._name_in(slot, name, layer_of_lead)
+            if not src.has(tname):
+                return None
+            other = src.info(tname)
+            if other.shape != shape:
+                raise InputError(
+                    f"tensor '{tname}': shape {list(other.shape)} in model '{slot.label}' differs from {list(shape)} in "
+                    f"model '{lead_src.label}'; these models cannot be merged tensor by tensor"
+                    + (" (different vocabulary sizes: resize the embeddings of one model first)"
+                       if any(h in tname for h in PRE_HINTS) or "lm_head" in tname else "")
+                )
+            return InputRef(slot.source, tname)
+
+        base = None
+        if base_slot is not None:
+            base = ref(base_slot)
+            if base is None:
+                raise InputError(f"tensor '{name}' is missing from base model '{base_slot.label}'")
+        inputs, used = [], []
+        for slot in nb:
+            r = ref(slot)
+            if r is None:
+                self.warnings.append(f"tensor '{name}' is missing from model '{slot.label}'; merged without it")
+                continue
+            inputs.append(r)
+            used.append(slot)
+        enough = len(inputs) >= method.min_models
+        if not enough:
+            fallback = base or (inputs[0] if inputs else None) or InputRef(lead, name)
+            if len(nb) >= method.min_models:
+                self.warnings.append(f"tensor '{name}': too few models have it for '{method.name}'; copied from "
+                                     f"'{self.sources[fallback.source].label}'")
+            return OutputTensor(out_name, shape, out_dtype, None, [], None, copy_from=fallback)
+
+        cls = type(method)
+        glob_levels = [("slice", slice_params), ("parameters", cfg.parameters)]
+        params = {s.name: resolve_param(s, glob_levels, name, t, f"merge '{cls.name}'")
+                  for s in cls.params if s.scope == "global"}
+        model_params = []
+        for slot in used:
+            levels = [("model", slot.params)] + glob_levels
+            model_params.append({s.name: resolve_param(s, levels, name, t, f"model '{slot.label}'")
+                                 for s in cls.params if s.scope == "model"})
+        task = TensorTask(name=out_name, shape=shape, has_base=base is not None, model_params=model_params,
+                          params=params, seed=self.seed, compute_dtype=self.compute, device=self.device,
+                          model_labels=[s.label for s in used])
+        method.check_task(task)
+        ident = method.is_identity(task)
+        if ident is not None:
+            src_ref = base if ident == -1 else inputs[ident]
+            return OutputTensor(out_name, shape, out_dtype, None, [], None, copy_from=src_ref)
+        return OutputTensor(out_name, shape, out_dtype, base, inputs, task)
+
+
+def _check_arity(cfg: MergeConfig, method_cls: type[MergeMethod]) -> None:
+    if cfg.models is not None:
+        has_base = bool(cfg.base_model) and method_cls.base != "none"
+        nb = [m for m in cfg.models if not (has_base and m.model == cfg.base_model)]
+        msg = method_cls.check_arity(len(nb), has_base)
+        if msg:
+            raise ConfigError(f"models: {msg}")
+        return
+    for k, s in enumerate(cfg.slices or []):
+        base_ref = s.base_model or cfg.base_model
+        has_base = bool(base_ref) and method_cls.base != "none"
+        nb = [x for x in s.sources if not (has_base and x.model == base_ref)]
+        msg = method_cls.check_arity(len(nb), has_base)
+        if msg:
+            raise ConfigError(f"slices[{k}].sources: {msg}")
+
+
+def _check_architectures(sources: list[ModelSource]) -> None:
+    archs = {}
+    for s in sources:
+        a = s.checkpoint.architecture
+        if a:
+            archs.setdefault(a, []).append(s.label)
+    if len(archs) > 1:
+        desc = "; ".join(f"{a}: {', '.join(labels)}" for a, labels in archs.items())
+        raise InputError(f"the models have different architectures ({desc}); only models of one architecture can be merged")
+
+
+def _output_config(donor: ModelSource, cfg: MergeConfig, tensors: list[OutputTensor], out_layers: int | None,
+                   layer_map: list[int] | None) -> dict[str, Any]:
+    conf = copy.deepcopy(donor.checkpoint.config)
+    dtypes = {t.dtype for t in tensors if t.dtype in ("F32", "F16", "BF16", "F64")}
+    inv = {v: k for k, v in DTYPE_TO_ST.items()}
+    if cfg.out_dtype or cfg.dtype:
+        name = cfg.out_dtype or cfg.dtype
+    elif len(dtypes) == 1:
+        name = inv[dtypes.pop()]
+    else:
+        name = conf.get("torch_dtype") or conf.get("dtype")
+    if name:
+        if "dtype" in conf or "torch_dtype" not in conf:
+            conf["dtype"] = name
+        if "torch_dtype" in conf:
+            conf["torch_dtype"] = name
+    if layer_map is not None:
+        old = donor.checkpoint.num_layers
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in conf:
+                conf[key] = len(layer_map)
+        # per-layer lists (e.g. Qwen3 `layer_types`) follow the layers they describe
+        for key, value in list(conf.items()):
+            if isinstance(value, list) and old and len(value) == old and key != "architectures":
+                conf[key] = [value[i] if i < len(value) else value[-1] for i in layer_map]
+    return conf
+
+
+def _tokenizer_source(cfg: MergeConfig, sources: list[ModelSource], index: dict[str, int], donor: int,
+                      allow_pickle: bool, download: bool) -> ModelSource | None:
+    choice = cfg.tokenizer_from
+    if choice == "base":
+        return sources[donor]
+    if choice == "union":
+        raise UnsupportedError("tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or name "
+                               "the model whose tokenizer to copy")
+    if choice in index:
+        return sources[index[choice]]
+    from .references import parse_ref, resolve_path
+
+    ref = parse_ref(choice)
+    path = resolve_path(ref.model, ref.revision, label="tokenizer_source", download=download)
+    from .checkpoint import Checkpoint
+
+    ck = Checkpoint(path, {}, {}, [])
+    return ModelSource(ref, ck)

@@ -1,0 +1,257 @@
+"""Header-level safetensors reading and header-first streaming writing.
+
+Why not ``safetensors.safe_open``: it memory-maps the file, and every page a merge touches then counts in the
+process RSS until the file is closed, so peak RSS would grow with model size. Here tensors are read with
+``os.pread`` into freshly allocated buffers that are freed as soon as the caller drops them, and a file's header is
+parsed once so shapes and dtypes are known before any tensor byte is read (which lets the writer plan the output
+layout and emit each shard's header before streaming its tensors).
+
+Format: 8-byte little-endian header length N, N bytes of JSON (``{name: {dtype, shape, data_offsets}}`` plus an
+optional ``__metadata__`` str→str map), then the data section; offsets are relative to the data section.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterable
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype code -> torch dtype
+ST_TO_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    ST_TO_TORCH["F8_E4M3"] = torch.float8_e4m3fn
+    ST_TO_TORCH["F8_E5M2"] = torch.float8_e5m2
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+
+FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def element_size(st_dtype: str) -> int:
+    return torch.empty((), dtype=ST_TO_TORCH[st_dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives on disk and what it is. Cheap to hold for every tensor of a model."""
+
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset in ``file``
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return ST_TO_TORCH[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors file's header. Validates offsets so a truncated file fails here, not mid-merge."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise InputError(f"{path}: not a safetensors file (header length {n} is impossible for a {size}-byte file)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{path}: corrupt header entry for tensor '{name}' ({e})") from e
+        if dtype not in ST_TO_TORCH:
+            raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which mergeline cannot read")
+        nbytes = end - begin
+        if nbytes != math.prod(shape) * element_size(dtype) or begin < 0 or data_start + end > size:
+            raise InputError(
+                f"{path}: tensor '{name}' has inconsistent offsets {begin}..{end} for shape {list(shape)} {dtype} "
+                f"(file is {size} bytes; truncated or corrupt download?)"
+            )
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+    return infos, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, fd: int | None = None) -> torch.Tensor:
+    """Read rows ``[row_start, row_end)`` (along dim 0) of a tensor into a new CPU tensor of its own dtype.
+
+    The bytes are read with ``pread`` into a private buffer: no mmap, so nothing stays resident after the caller
+    drops the tensor.
+    """
+    shape = info.shape
+    if len(shape) == 0:
+        row_start, row_end, row_bytes, out_shape = 0, 1, info.nbytes, ()
+    else:
+        rows = shape[0]
+        row_end = rows if row_end is None else row_end
+        row_bytes = info.nbytes // rows if rows else 0
+        out_shape = (row_end - row_start,) + tuple(shape[1:])
+    count = (row_end - row_start) * row_bytes
+    buf = torch.empty(count, dtype=torch.uint8)
+    if count:
+        own = fd is None
+        if own:
+            fd = os.open(info.file, os.O_RDONLY)
+        try:
+            view = memoryview(buf.numpy())
+            pos = 0
+            while pos < count:
+                got = os.preadv(fd, [view[pos:]], info.offset + row_start * row_bytes + pos)
+                if got <= 0:
+                    raise InputError(f"{info.file}: unexpected end of file while reading tensor '{info.name}'")
+                pos += got
+        finally:
+            if own:
+                os.close(fd)
+    return buf.view(info.torch_dtype).reshape(out_shape)
+
+
+def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
+    return read_rows(info, 0, None, fd)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of an output shard, known before it is computed."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * element_size(self.dtype)
+
+
+def build_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (padded to 8-byte alignment) for tensors laid out in the given order; also each tensor's
+    offset within the data section."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offsets: dict[str, int] = {}
+    pos = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.name] = pos
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class ShardStreamWriter:
+    """Writes one safetensors file whose layout is fixed up front: header first, then each tensor's bytes in the
+    planned order, possibly in several pieces (row chunks). Checks that every byte promised by the header arrives."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tensors = tensors
+        self._order = {t.name: i for i, t in enumerate(tensors)}
+        header, _ = build_header(tensors, metadata)
+        self._f: BinaryIO = open(self.path, "wb")
+        self.sha256 = hashlib.sha256()
+        self._f.write(header)
+        self.sha256.update(header)
+        self._next = 0  # index of the tensor expected next
+        self._written = 0  # bytes written of the current tensor
+        while self._next < len(self.tensors) and self.tensors[self._next].nbytes == 0:
+            self._next += 1
+
+    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
+        """Append bytes of tensor ``name``; tensors must come in planned order, a tensor may come in pieces."""
+        empty = data.numel() == 0 if isinstance(data, torch.Tensor) else len(data) == 0
+        if empty:  # zero-size tensors need no bytes; the writer skips them by itself
+            return
+        if self._next >= len(self.tensors) or self.tensors[self._next].name != name:
+            expected = self.tensors[self._next].name if self._next < len(self.tensors) else "<none>"
+            raise RuntimeError(f"internal: writer for {self.path.name} expected tensor '{expected}', got '{name}'")
+        planned = self.tensors[self._next]
+        if isinstance(data, torch.Tensor):
+            if data.dtype != ST_TO_TORCH[planned.dtype]:
+                raise RuntimeError(f"internal: tensor '{name}' planned as {planned.dtype}, got {data.dtype}")
+            data = data.contiguous().view(-1).view(torch.uint8).numpy().data
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._f.write(data)
+        self.sha256.update(data)
+        self._written += n
+        if self._written > planned.nbytes:
+            raise RuntimeError(f"internal: tensor '{name}' got {self._written} bytes, planned {planned.nbytes}")
+        if self._written == planned.nbytes:
+            self._next += 1
+            self._written = 0
+            # zero-byte tensors that follow are complete as soon as they are reached
+            while self._next < len(self.tensors) and self.tensors[self._next].nbytes == 0:
+                self._next += 1
+
+    def copy_from_file(self, name: str, info: TensorInfo, piece: int = 16 * 1024 * 1024) -> None:
+        """Append a tensor's bytes straight from an input file, without decoding (and hash them on the way)."""
+        remaining, pos = info.nbytes, info.offset
+        with open(info.file, "rb", buffering=0) as src:
+            while remaining:
+                data = os.pread(src.fileno(), min(piece, remaining), pos)
+                if not data:
+                    raise InputError(f"{info.file}: unexpected end of file while copying tensor '{name}'")
+                self.write(name, data)
+                pos += len(data)
+                remaining -= len(data)
+
+    def close(self) -> None:
+        if self._next != len(self.tensors):
+            missing = self.tensors[self._next].name
+            self._f.close()
+            raise RuntimeError(f"internal: {self.path.name} closed before tensor '{missing}' was written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass

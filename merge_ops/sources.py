@@ -1,0 +1,102 @@
+"""An input model of a merge: a checkpoint, optionally with a LoRA adapter applied on the fly (``base+adapter``).
+
+Applying the adapter per tensor while streaming means ``base+adapter`` references need no cache directory and never
+materialize the merged model on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import InputError
+from .references import ModelRef, parse_ref, resolve_path
+from .safetensors_io import TensorInfo, read_rows
+
+
+class ModelSource:
+    def __init__(self, ref: ModelRef, checkpoint: Checkpoint, adapter=None):
+        self.ref = ref
+        self.label = ref.raw
+        self.checkpoint = checkpoint
+        self.adapter = adapter
+        self._changed = adapter.changed_tensors() if adapter is not None else set()
+
+    @classmethod
+    def open(cls, raw: str, *, allow_pickle: bool = False, download: bool = False) -> "ModelSource":
+        ref = parse_ref(raw)
+        path = resolve_path(ref.model, ref.revision, label=f"model '{raw}'", download=download)
+        ckpt = Checkpoint.open(path, allow_pickle=allow_pickle, label=raw)
+        adapter = None
+        if ref.adapter:
+            from .lora import LoraAdapter
+
+            apath = resolve_path(ref.adapter, ref.adapter_revision, label=f"model '{raw}'", download=download,
+                                 kind="adapter")
+            adapter = LoraAdapter.open(apath, allow_pickle=allow_pickle)
+            adapter.check_base(ckpt)
+        return cls(ref, ckpt, adapter)
+
+    @classmethod
+    def from_parts(cls, base: str | Path, adapter: str | Path | None, *, allow_pickle: bool = False) -> "ModelSource":
+        """Open a base directory plus an optional adapter directory (paths, no reference parsing)."""
+        base = Path(base)
+        ref = ModelRef(f"{base}+{adapter}" if adapter else str(base), str(base), None, str(adapter) if adapter else None)
+        ckpt = Checkpoint.open(base, allow_pickle=allow_pickle, label=str(base))
+        ad = None
+        if adapter is not None:
+            from .lora import LoraAdapter
+
+            if not Path(adapter).exists():
+                raise InputError(f"adapter directory '{adapter}' does not exist")
+            ad = LoraAdapter.open(Path(adapter), allow_pickle=allow_pickle)
+            ad.check_base(ckpt)
+        return cls(ref, ckpt, ad)
+
+    # -- tensor access -----------------------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.checkpoint.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        """Where the tensor's bytes come from (a modules_to_save replacement wins over the base)."""
+        if self.adapter is not None:
+            rep = self.adapter.replacement(name)
+            if rep is not None:
+                return rep
+        return self.checkpoint.tensors[name]
+
+    def unchanged(self, name: str) -> bool:
+        """True if the tensor's bytes on disk are its final value (no adapter arithmetic needed)."""
+        if self.adapter is None or name not in self._changed:
+            return True
+        return self.adapter.replacement(name) is not None
+
+    def row_local(self, name: str) -> bool:
+        return self.unchanged(name) or self.adapter.is_row_local(name)
+
+    def read_raw(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
+        return read_rows(self.info(name), row_start, row_end)
+
+    def to_compute(self, name: str, raw: torch.Tensor, row_start: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """Raw rows → compute dtype on the device, with the adapter's delta applied."""
+        x = raw.to(device, non_blocking=True) if device.type != "cpu" else raw
+        x = x.to(dtype)
+        if not self.unchanged(name):
+            x = self.adapter.apply(name, x, row_start)
+        return x
+
+    def input_files(self) -> list[Path]:
+        files = self.checkpoint.input_files()
+        if self.adapter is not None:
+            files += self.adapter.input_files()
+        return files
+
+    @property
+    def paths(self) -> dict[str, str]:
+        d = {"model": str(self.checkpoint.path)}
+        if self.adapter is not None:
+            d["adapter"] = str(self.adapter.path)
+        return d

@@ -1,0 +1,144 @@
+"""The ``mergeline`` command line.
+
+``mergeline merge CONFIG.yml OUTPUT_DIR`` runs a MergeKit-style config; ``mergeline merge-lora BASE ADAPTER OUTPUT``
+merges a PEFT adapter into its base. Errors print one clear message (no traceback) and exit with status 2 for bad
+input, 1 for anything unexpected, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None, lambda: None
+    bar = {"b": None}
+
+    def update(done: int, total: int) -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, unit="tensor", desc="merging", file=sys.stderr, leave=False)
+        bar["b"].n = done
+        bar["b"].refresh()
+
+    def close() -> None:
+        if bar["b"] is not None:
+            bar["b"].close()
+
+    return update, close
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (default: CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard (default 5GB)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read pickled .bin/.pt weights (loaded with torch.load(weights_only=True))")
+    p.add_argument("--download", action="store_true", help="allow downloading Hub repos not in the local cache")
+    p.add_argument("--compute-dtype", choices=["float32", "float64"], default=None,
+                   help="precision of the arithmetic (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+
+def _options(args: argparse.Namespace):
+    from merge_ops.api import MergeOptions
+
+    return MergeOptions(device=args.device, seed=getattr(args, "seed", 0), shard_size=args.shard_size,
+                        allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from merge_ops.api import merge, plan_merge
+
+    opts = _options(args)
+    if args.dry_run:
+        plan = plan_merge(args.config, opts)
+        copies = sum(1 for t in plan.tensors if t.task is None)
+        print(f"ok: {len(plan.tensors)} output tensors ({copies} copied, {len(plan.tensors) - copies} merged with "
+              f"'{plan.config.merge_method}'), {plan.total_bytes / 1e9:.2f} GB, inputs: "
+              + ", ".join(s.label for s in plan.sources))
+        for w in plan.warnings:
+            print(f"warning: {w}")
+        return 0
+    update, close = _progress_bar(sys.stderr.isatty() and not args.no_progress)
+    try:
+        result = merge(args.config, args.output_dir, opts, progress=update)
+    finally:
+        close()
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def cmd_merge_lora(args: argparse.Namespace) -> int:
+    from merge_ops.api import merge_lora
+
+    update, close = _progress_bar(sys.stderr.isatty() and not args.no_progress)
+    try:
+        result = merge_lora(args.base, args.adapter, args.output_dir, _options(args), progress=update,
+                            out_dtype=args.dtype)
+    finally:
+        close()
+    print(result.summary())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from merge_ops.methods import REGISTRY
+
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        params = ", ".join(f"{p.name}{'*' if p.required else ''}" for p in cls.params)
+        print(f"{name:18s} base={cls.base:9s} {cls.doc}  [{params}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergeline", description="Streaming LLM merges (MergeKit configs, LoRA).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("merge", help="merge models as a MergeKit-style YAML config says")
+    p.add_argument("config", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*)")
+    p.add_argument("--dry-run", action="store_true", help="validate and plan, write nothing")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("merge-lora", help="merge a PEFT LoRA adapter into its base model")
+    p.add_argument("base", type=Path)
+    p.add_argument("adapter", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="output dtype (default: the base's)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("methods", help="list merge methods and their parameters")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from merge_ops.errors import MergeError
+
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"mergeline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mergeline: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
