@@ -84,8 +84,10 @@ def resolve_param(spec: ParamSpec, levels: Sequence[tuple[str, dict[str, Any]]],
             if v is not _UNSET:
                 return spec.check(v, f"{who}, tensor '{tensor_name}'")
     if spec.required:
+        where = "the top-level 'parameters'" if spec.scope == "global" else \
+            "the model's 'parameters' or the top-level 'parameters'"
         raise ConfigError(
             f"{who}: parameter '{spec.name}' is required by this merge method (no value for tensor '{tensor_name}'); "
-            f"set it under the model's 'parameters' or the top-level 'parameters'"
+            f"set it under {where}"
         )
     return spec.default

@@ -107,8 +107,8 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         for j, src in enumerate(s.sources):
             check_settings(method_cls, src.parameters, f"slices[{k}].sources[{j}].parameters", "model")
     for spec in method_cls.params:
-        if spec.required and spec.scope == "global" and spec.name not in cfg.parameters and not all(
-                spec.name in s.parameters for s in (cfg.slices or [])):
+        if spec.required and spec.scope == "global" and spec.name not in cfg.parameters and not (
+                cfg.slices and all(spec.name in s.parameters for s in cfg.slices)):
             raise ConfigError(f"parameters.{spec.name}: required by merge_method '{method_cls.name}' but not set")
     if method_cls.base == "required" and not cfg.base_model and not any(s.base_model for s in cfg.slices or []):
         raise ConfigError(f"base_model: merge_method '{method_cls.name}' needs a base_model")

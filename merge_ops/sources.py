@@ -71,7 +71,8 @@ class ModelSource:
         """True if the tensor's bytes on disk are its final value (no adapter arithmetic needed)."""
         if self.adapter is None or name not in self._changed:
             return True
-        return self.adapter.replacement(name) is not None
+        # a modules_to_save / base_layer copy is final only when no LoRA delta applies on top of it
+        return self.adapter.replacement(name) is not None and self.adapter.scale(name) is None
 
     def row_local(self, name: str) -> bool:
         return self.unchanged(name) or self.adapter.is_row_local(name)

@@ -12,9 +12,11 @@ so this matters.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _BINS = 1 << 16
+SMALL = 1 << 18  # up to this many values, collect them and select with one sort (histograms cost more)
 
 
 class TopKSelector:
@@ -41,12 +43,19 @@ class TopKSelector:
         self.threshold: float | None = None
         self.keep_equal = 0  # how many values equal to the threshold are still to be kept (in row order)
         self.trivial = self.k == 0 or self.k == numel
+        self.small = numel <= SMALL
+        self._collected: list[torch.Tensor] = []
 
     @property
     def passes(self) -> int:
-        return 0 if self.trivial else self.levels
+        if self.trivial:
+            return 0
+        return 1 if self.small else self.levels
 
     def accumulate(self, values: torch.Tensor) -> None:
+        if self.small:
+            self._collected.append(values.reshape(-1))
+            return
         ints = values.reshape(-1).view(self.int_dtype)
         shift = self.bits - 16 * (self.level + 1)
         if self.level == 0:
@@ -59,12 +68,21 @@ class TopKSelector:
         self.hist = h if self.hist is None else self.hist + h
 
     def finish_pass(self) -> None:
-        hist = self.hist if self.hist is not None else torch.zeros(_BINS, dtype=torch.int64)
+        if self.small:
+            values = torch.cat(self._collected) if len(self._collected) > 1 else self._collected[0]
+            self._collected = []
+            kth = torch.sort(values, descending=True).values[self.k - 1]
+            self.threshold = float(kth)
+            self.above = int((values > kth).sum())
+            self.keep_equal = self.k - self.above
+            self.level = self.levels
+            return
+        hist = (self.hist if self.hist is not None else torch.zeros(_BINS, dtype=torch.int64)).numpy()
         need = self.k - self.above
         # suffix[d] = number of elements in this bucket whose digit is >= d
-        suffix = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0])
+        suffix = np.cumsum(hist[::-1])[::-1]
         # largest d with suffix[d] >= need
-        ok = torch.nonzero(suffix >= need).flatten()
+        ok = np.flatnonzero(suffix >= need)
         d = int(ok[-1]) if len(ok) else 0
         self.above += int(suffix[d + 1]) if d + 1 < _BINS else 0
         self.prefix = (self.prefix << 16) | d

@@ -1,0 +1,581 @@
+"""Folding a PEFT LoRA adapter into base weights, one tensor (or row block) at a time.
+
+Why not ``PeftModel.from_pretrained(...).merge_and_unload()``: that loads the whole base model into memory (and into
+transformers' module classes), which is exactly what the streaming engine avoids. The LoRA update of one weight
+only needs that weight plus a few small adapter matrices, so this module reproduces PEFT's merge arithmetic on
+plain tensors: the engine reads a block of base rows, calls :meth:`LoraAdapter.apply`, and writes the result.
+Nothing here imports transformers or peft.
+
+Semantics (checked against peft 0.21's ``merge_and_unload``; the tests compare against it):
+
+* Linear: ``W' = W + s·(B @ A)`` with ``A = lora_A.weight`` [r, in], ``B = lora_B.weight`` [out, r];
+  ``s = alpha / r`` or, with ``use_rslora``, ``alpha / sqrt(r)``. ``r`` is read from ``lora_A``'s shape (that is what
+  the tensors were trained with; ``rank_pattern`` only chose it). ``alpha`` is ``lora_alpha`` unless an
+  ``alpha_pattern`` key matches the module path.
+* Pattern keys (``rank_pattern``/``alpha_pattern``) are regular expressions matched like PEFT's ``get_pattern_key``:
+  a key matches a module path when ``re.match(r"(.*\\.)?(KEY)$", path)`` succeeds, i.e. the key must match a whole
+  dot-separated suffix of the path ("q_proj" matches "model.layers.0.self_attn.q_proj", "proj" does not); the first
+  matching key in the file's order wins.
+* GPT-2 style ``Conv1D`` weights are stored transposed ([in, out]); PEFT then merges ``(B @ A)ᵀ``. PEFT decides
+  this per module from the module *class* (it overrides ``fan_in_fan_out`` with a warning when it disagrees), so
+  here the layout is inferred per tensor from the base shape; only square weights, where the shape cannot tell,
+  fall back to the config's ``fan_in_fan_out`` (or to Conv1D when other targets of the same adapter are Conv1D).
+* Embedding: ``lora_embedding_A`` [r, num_embeddings], ``lora_embedding_B`` [dim, r] (saved without ``.weight``),
+  ``W' = W + s·(B @ A)ᵀ``.
+* DoRA (``lora_magnitude_vector``, saved without ``.weight``): ``V = W + Δ``, ``W' = V · m / ‖V‖``, where PEFT's
+  norm runs over the *input* dimension of the layer: for nn.Linear that is each stored row (so a row block can be
+  processed alone), for Conv1D it is each stored column, and for embeddings it is each embedding dimension over
+  the whole vocabulary (each stored column). The last two need the whole tensor at once.
+* ``lora_bias`` (``lora_B.bias``): ``b' = b + s·lora_B.bias``.
+* Full tensors in the adapter file replace base tensors: ``modules_to_save`` copies (``<path>.weight``),
+  ``bias="all"/"lora_only"`` biases, and the ``<path>.base_layer.weight`` copies PEFT saves for targeted embedding
+  layers. PEFT loads them into the model *before* merging, so when a tensor has both a replacement and a LoRA
+  update the update applies on top of the replacement (see :meth:`LoraAdapter.apply`).
+
+Caller contract, per base tensor ``name``::
+
+    src = adapter.replacement(name) or base.tensors[name]
+    rows = read_rows(src, r0, r1).to(torch.float32)        # whole tensor when not adapter.is_row_local(name)
+    rows = adapter.apply(name, rows, row_start=r0)         # identity for tensors without a LoRA update
+
+:meth:`LoraAdapter.check_base` must run once before :meth:`~LoraAdapter.apply` (it validates the pairing and
+settles the Conv1D-vs-Linear layout of square weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import InputError, UnsupportedError
+from .safetensors_io import TensorInfo, read_header, read_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import Checkpoint
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# Per-module LoRA tensor kinds as they appear in PEFT adapter keys.
+_LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+# Adapter key components that belong to PEFT features whose merge this module does not implement.
+_UNSUPPORTED_PARTS = {
+    "token_adapter": "trainable_token_indices (TrainableTokens)",
+    "trainable_tokens_delta": "trainable_token_indices (TrainableTokens)",
+    "original_module": "an unmerged ModulesToSaveWrapper copy",
+}
+# LoraConfig fields that change what merging means (or make it impossible); any truthy value is refused.
+_UNSUPPORTED_CONFIG = {
+    "trainable_token_indices": "TrainableTokens rows",
+    "layer_replication": "layer replication (the merged model would need duplicated layers)",
+    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts)",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA cannot be merged, even by PEFT)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "megatron_config": "Megatron parallel layers",
+}
+
+
+def _match_pattern(patterns: dict[str, Any], module_path: str, where: str) -> Any | None:
+    """Value of the first pattern key that matches ``module_path`` the way PEFT matches it, else None.
+
+    PEFT (``peft.utils.other.get_pattern_key``) treats each key as a regex that must match a dot-aligned suffix of
+    the module path; reproducing that exactly matters because a looser rule (plain substring, ``re.search``)
+    silently gives some modules another alpha than PEFT would.
+    """
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module_path):
+                return value
+        except re.error as e:
+            raise InputError(f"{where}: pattern key '{key}' is not a valid regular expression ({e})") from e
+    return None
+
+
+@dataclass
+class _Module:
+    """The LoRA update of one base module (``path`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``)."""
+
+    path: str
+    embedding: bool
+    A: torch.Tensor | None = None  # [r, in] (linear) / [r, num_embeddings] (embedding)
+    B: torch.Tensor | None = None  # [out, r] / [dim, r]
+    magnitude: torch.Tensor | None = None  # DoRA, [out] / [dim]
+    bias: torch.Tensor | None = None  # lora_B.bias, [out]
+    keys: dict[str, str] = field(default_factory=dict)  # kind -> adapter key (for messages)
+    scale: float = 0.0
+    conv1d: bool | None = None  # stored weight is [in, out] (GPT-2 Conv1D); None until known
+    _cache: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1]
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """A, B, magnitude, bias moved to where the base rows live (cached: the engine calls this per row block)."""
+        k = (str(device), dtype)
+        if k not in self._cache:
+            conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+            self._cache[k] = (conv(self.A), conv(self.B), conv(self.magnitude), conv(self.bias))
+        return self._cache[k]
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter directory, validated, with its small matrices in memory.
+
+    Attributes: ``path`` (the directory), ``config`` (``adapter_config.json`` as a dict), ``weight_file``.
+    """
+
+    def __init__(self, path: Path, config: dict, weight_file: Path, modules: dict[str, _Module],
+                 replacements: dict[str, TensorInfo], tmpdir: Any = None, source_file: Path | None = None):
+        self.path = path
+        self.config = config
+        self.weight_file = weight_file
+        self._modules = modules
+        self._replacements = replacements
+        self._tmpdir = tmpdir  # keeps the converted pickle alive as long as the adapter
+        self._source_file = source_file or weight_file  # the file the user gave (the .bin when converted)
+        # base tensor name -> (module, "weight" | "bias")
+        self._targets: dict[str, tuple[_Module, str]] = {}
+        for m in modules.values():
+            self._targets[f"{m.path}.weight"] = (m, "weight")
+            if m.bias is not None:
+                self._targets[f"{m.path}.bias"] = (m, "bias")
+
+    # -- opening ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, *, allow_pickle: bool = False) -> "LoraAdapter":
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"adapter {path}: directory does not exist")
+        if not path.is_dir():
+            raise InputError(
+                f"adapter {path}: expected a PEFT adapter directory ({CONFIG_FILE} + {SAFETENSORS_FILE}), got a file; "
+                f"pass the directory that contains it"
+            )
+        cfg_path = path / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise InputError(
+                f"adapter {path}: {CONFIG_FILE} is missing; a PEFT adapter directory needs it (it holds lora_alpha, "
+                f"use_rslora, rank/alpha patterns). Save the adapter with PeftModel.save_pretrained"
+            )
+        try:
+            config = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{cfg_path}: cannot read adapter config ({e})") from e
+        if not isinstance(config, dict):
+            raise InputError(f"{cfg_path}: expected a JSON object")
+        cls._validate_config(config, cfg_path)
+
+        tmp = None
+        pickled = False
+        weight_file = path / SAFETENSORS_FILE
+        if not weight_file.is_file():
+            pkl = path / PICKLE_FILE
+            if not pkl.is_file():
+                raise InputError(f"adapter {path}: no weights found (expected {SAFETENSORS_FILE} or {PICKLE_FILE})")
+            if not allow_pickle:
+                raise InputError(
+                    f"adapter {path}: only pickled weights ({PICKLE_FILE}) are present. Pickle files can run arbitrary "
+                    f"code when loaded; convert the adapter to safetensors, or pass --allow-pickle to load it with "
+                    f"torch.load(weights_only=True)"
+                )
+            from .checkpoint import _convert_pickle  # same conversion the base checkpoints use
+
+            tmp = tempfile.TemporaryDirectory(prefix="mergeline-adapter-")
+            weight_file = _convert_pickle(pkl, Path(tmp.name))
+            pickled = True
+
+        infos, _ = read_header(weight_file)
+        if not infos:
+            raise InputError(f"{weight_file}: the adapter file holds no tensors")
+        source = path / PICKLE_FILE if pickled else weight_file
+        modules, replacements = cls._parse_keys(infos, path, source, config)
+        return cls(path, config, weight_file, modules, replacements, tmp, source)
+
+    @staticmethod
+    def _validate_config(config: dict, cfg_path: Path) -> None:
+        peft_type = str(config.get("peft_type", "")).upper()
+        if not peft_type:
+            raise InputError(f"{cfg_path}: 'peft_type' is missing; expected \"LORA\" (a PEFT LoRA adapter config)")
+        if peft_type != "LORA":
+            raise UnsupportedError(
+                f"{cfg_path}: peft_type is {config.get('peft_type')!r}; mergeline merges LoRA adapters only "
+                f"(peft_type \"LORA\"). Merge this adapter with PEFT (merge_and_unload) and use the result as a model"
+            )
+        for key, what in _UNSUPPORTED_CONFIG.items():
+            if config.get(key):
+                raise UnsupportedError(
+                    f"{cfg_path}: '{key}' is set ({what}); mergeline cannot fold that into base weights. Merge with "
+                    f"PEFT's merge_and_unload and pass the merged model instead"
+                )
+        for key in ("rank_pattern", "alpha_pattern"):
+            if config.get(key) is not None and not isinstance(config.get(key), dict):
+                raise InputError(f"{cfg_path}: '{key}' must be an object mapping module patterns to numbers")
+        for key in ("lora_alpha", "r"):
+            if key in config and not isinstance(config[key], (int, float)):
+                raise InputError(f"{cfg_path}: '{key}' must be a number, got {config[key]!r}")
+
+    @classmethod
+    def _parse_keys(cls, infos: dict[str, TensorInfo], path: Path, weight_file: Path,
+                    config: dict) -> tuple[dict[str, _Module], dict[str, TensorInfo]]:
+        """Sort adapter keys into per-module LoRA parts and full replacement tensors; reject anything else.
+
+        Keys may carry PEFT's adapter name (``lora_A.default.weight``) or not (``lora_A.weight``, how PEFT saves);
+        both mean the same, but a file mixing several adapter names is ambiguous and refused.
+        """
+        where = str(weight_file)
+        modules: dict[str, _Module] = {}
+        replacements: dict[str, TensorInfo] = {}
+        replacement_keys: dict[str, str] = {}
+        adapter_names: set[str] = set()
+        for key, info in infos.items():
+            rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            parts = rel.split(".")
+            for p in parts:
+                if p in _UNSUPPORTED_PARTS:
+                    raise UnsupportedError(
+                        f"{where}: adapter key '{key}' belongs to {_UNSUPPORTED_PARTS[p]}, which mergeline cannot "
+                        f"merge; merge with PEFT's merge_and_unload and pass the merged model instead"
+                    )
+            kind_idx = next((i for i, p in enumerate(parts) if p in _LORA_KINDS), None)
+            if kind_idx is None:
+                # A full tensor. PEFT writes modules_to_save copies as '<path>.<param>', the base weights of targeted
+                # embeddings as '<path>.base_layer.<param>', and older files '<path>.modules_to_save[.<name>].<param>'.
+                if any(p.startswith("lora_") for p in parts) or parts[-1] not in ("weight", "bias") or len(parts) < 2:
+                    raise UnsupportedError(
+                        f"{where}: adapter key '{key}' is of a kind mergeline does not know (expected lora_A/lora_B, "
+                        f"lora_embedding_A/B, lora_magnitude_vector or a full '.weight'/'.bias' tensor); this adapter "
+                        f"likely uses a PEFT feature mergeline does not support. Merge it with PEFT's merge_and_unload"
+                    )
+                mod = parts[:-1]
+                if "modules_to_save" in mod:
+                    i = mod.index("modules_to_save")
+                    rest = mod[i + 1:]
+                    if len(rest) > 1:
+                        raise UnsupportedError(f"{where}: adapter key '{key}' has an unexpected modules_to_save layout")
+                    adapter_names.update(rest)
+                    mod = mod[:i]
+                elif mod and mod[-1] == "base_layer":
+                    mod = mod[:-1]
+                base_name = ".".join(mod + [parts[-1]])
+                if base_name in replacements:
+                    raise InputError(
+                        f"{where}: adapter keys '{replacement_keys[base_name]}' and '{key}' both replace base tensor "
+                        f"'{base_name}'; the adapter file is inconsistent, re-save it with PEFT"
+                    )
+                if not info.is_float:
+                    raise InputError(f"{where}: adapter tensor '{key}' has dtype {info.dtype}; expected floating point")
+                replacements[base_name] = info
+                replacement_keys[base_name] = key
+                continue
+
+            kind = parts[kind_idx]
+            mpath = ".".join(parts[:kind_idx])
+            tail = parts[kind_idx + 1:]
+            param = None
+            if tail and tail[-1] in ("weight", "bias"):
+                param = tail[-1]
+                tail = tail[:-1]
+            if len(tail) > 1 or not mpath:
+                raise UnsupportedError(f"{where}: adapter key '{key}' does not look like a PEFT LoRA key")
+            adapter_names.update(tail)
+            # lora_A/B end in .weight (or .bias for lora_bias); embedding parts and magnitude have no suffix (newer
+            # PEFT) or '.weight' (DoRA layers saved by some versions).
+            if kind in ("lora_A", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector") and param == "bias":
+                raise UnsupportedError(f"{where}: adapter key '{key}' is of a kind mergeline does not know")
+            if kind == "lora_B" and param is None:
+                raise UnsupportedError(f"{where}: adapter key '{key}' does not look like a PEFT LoRA key")
+            if not info.is_float:
+                raise InputError(f"{where}: adapter tensor '{key}' has dtype {info.dtype}; expected floating point")
+            embedding = kind.startswith("lora_embedding")
+            m = modules.get(mpath)
+            if m is None:
+                m = modules[mpath] = _Module(mpath, embedding)
+            elif m.A is None and m.B is None and kind.startswith(("lora_A", "lora_B", "lora_embedding")):
+                m.embedding = embedding  # created by a magnitude/bias key; the A/B kind decides
+            slot = {"lora_A": "A", "lora_embedding_A": "A", "lora_B": "B", "lora_embedding_B": "B",
+                    "lora_magnitude_vector": "magnitude"}[kind]
+            if kind == "lora_B" and param == "bias":
+                slot = "bias"
+            if slot in ("A", "B") and embedding != m.embedding:
+                raise InputError(
+                    f"{where}: module '{mpath}' has both lora_A/lora_B and lora_embedding_A/B keys ('{key}'); the "
+                    f"adapter file is inconsistent, re-save it with PEFT"
+                )
+            if getattr(m, slot) is not None:
+                raise InputError(
+                    f"{where}: module '{mpath}' has two '{slot}' tensors ('{m.keys[slot]}' and '{key}'); "
+                    f"the adapter file is inconsistent (several adapters in one file?)"
+                )
+            # adapter tensors are small (rank r): load them now, as float32 for exact-enough math on any device
+            setattr(m, slot, read_rows(info).to(torch.float32))
+            m.keys[slot] = key
+
+        if len(adapter_names) > 1:
+            raise UnsupportedError(
+                f"{where}: the file holds several adapters ({', '.join(sorted(adapter_names))}); save a single adapter "
+                f"per directory (PeftModel.save_pretrained(selected_adapters=[...]))"
+            )
+        cls._validate_modules(modules, where, config)
+        return modules, replacements
+
+    @staticmethod
+    def _validate_modules(modules: dict[str, _Module], where: str, config: dict) -> None:
+        """Pairing and rank checks that need no base model, plus each module's scale (PEFT's ``scaling``)."""
+        use_dora = bool(config.get("use_dora"))
+        alpha_default = config.get("lora_alpha", 8)
+        alpha_pattern = config.get("alpha_pattern") or {}
+        rslora = bool(config.get("use_rslora"))
+        for m in modules.values():
+            a_name = "lora_embedding_A" if m.embedding else "lora_A"
+            b_name = "lora_embedding_B" if m.embedding else "lora_B"
+            if m.A is None or m.B is None:
+                have, miss = (a_name, b_name) if m.B is None else (b_name, a_name)
+                if m.A is None and m.B is None:
+                    have, miss = "lora_magnitude_vector/lora_B.bias", f"{a_name} and {b_name}"
+                raise InputError(
+                    f"{where}: module '{m.path}' has {have} but no {miss}; the adapter file is incomplete "
+                    f"(re-save it with PeftModel.save_pretrained)"
+                )
+            if m.A.dim() != 2 or m.B.dim() != 2:
+                raise UnsupportedError(
+                    f"{where}: '{m.keys['A']}' has shape {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)}; "
+                    f"only 2-D LoRA (Linear, Conv1D, Embedding) is supported, not LoRA on convolutions"
+                )
+            if m.A.shape[0] != m.B.shape[1] or m.A.shape[0] == 0:
+                raise InputError(
+                    f"{where}: rank mismatch in module '{m.path}': '{m.keys['A']}' has shape {list(m.A.shape)} "
+                    f"(rank {m.A.shape[0]}) but '{m.keys['B']}' has shape {list(m.B.shape)} (rank {m.B.shape[1]}); "
+                    f"the adapter file is corrupt or mixes adapters"
+                )
+            if m.magnitude is not None:
+                if not use_dora:
+                    raise InputError(
+                        f"{where}: module '{m.path}' has a DoRA magnitude ('{m.keys['magnitude']}') but the adapter "
+                        f"config has use_dora false; PEFT would ignore it. Fix adapter_config.json (use_dora: true) "
+                        f"if the adapter was trained with DoRA"
+                    )
+                if tuple(m.magnitude.shape) != (m.out_features,):
+                    raise InputError(
+                        f"{where}: '{m.keys['magnitude']}' has shape {list(m.magnitude.shape)}, expected "
+                        f"[{m.out_features}] to match '{m.keys['B']}' {list(m.B.shape)}"
+                    )
+            elif use_dora:
+                raise InputError(
+                    f"{where}: adapter config has use_dora true but module '{m.path}' has no lora_magnitude_vector; "
+                    f"the adapter file is incomplete (re-save it with PEFT)"
+                )
+            if m.bias is not None and tuple(m.bias.shape) != (m.out_features,):
+                raise InputError(
+                    f"{where}: '{m.keys['bias']}' has shape {list(m.bias.shape)}, expected [{m.out_features}]"
+                )
+            alpha = _match_pattern(alpha_pattern, m.path, where)
+            alpha = alpha_default if alpha is None else alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                raise InputError(f"{where}: lora_alpha for module '{m.path}' is {alpha!r}; expected a number "
+                                 f"(check lora_alpha / alpha_pattern in adapter_config.json)")
+            r = m.rank
+            m.scale = alpha / math.sqrt(r) if rslora else alpha / r
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+    def changed_tensors(self) -> set[str]:
+        """Base tensor names whose merged value differs from the base (LoRA updates and replacements)."""
+        return set(self._targets) | set(self._replacements)
+
+    def replacement(self, name: str) -> TensorInfo | None:
+        """The adapter's full copy of base tensor ``name`` (read it lazily with ``read_rows``), or None.
+
+        A LoRA update may still apply on top of it (PEFT loads these copies before merging): always pass the rows
+        through :meth:`apply` afterwards.
+        """
+        return self._replacements.get(name)
+
+    def scale(self, name: str) -> float | None:
+        """PEFT's ``scaling`` for the module behind base tensor ``name`` (None if it has no LoRA update)."""
+        t = self._targets.get(name)
+        return t[0].scale if t else None
+
+    def is_row_local(self, name: str) -> bool:
+        """Whether :meth:`apply` on a block of rows of ``name`` needs only those rows.
+
+        False only for DoRA whose norm runs down the stored columns (Conv1D and embedding layers): every output
+        row depends on the whole column norm, so the caller must pass the whole tensor.
+        """
+        t = self._targets.get(name)
+        if t is None:
+            return True
+        m, what = t
+        if what == "bias" or m.magnitude is None:
+            return True
+        if m.embedding:
+            return False
+        return not self._conv1d(m, None)
+
+    def input_files(self) -> list[Path]:
+        """Files whose bytes determine the merge result (hashed into the output manifest)."""
+        return [self.path / CONFIG_FILE, self._source_file]
+
+    # -- checking against a base -------------------------------------------------------------------------------------
+    def _who(self) -> str:
+        base = self.config.get("base_model_name_or_path")
+        return f"adapter {self.path}" + (f" (trained on '{base}')" if base else "")
+
+    def _conv1d(self, m: _Module, base_shape: tuple[int, ...] | None) -> bool:
+        """Whether module ``m``'s stored base weight is [in, out] (Conv1D): from the shape when it tells, else from
+        the config / the other targets (see module docstring)."""
+        if m.embedding:
+            return False
+        if base_shape is not None and m.out_features != m.in_features:
+            return tuple(base_shape) == (m.in_features, m.out_features)
+        if m.conv1d is not None:
+            return m.conv1d
+        return bool(self.config.get("fan_in_fan_out"))
+
+    def check_base(self, base: "Checkpoint") -> None:
+        """Raise InputError unless every tensor this adapter touches exists in ``base`` with a fitting shape.
+
+        Also settles the per-module layout (Linear [out, in] vs Conv1D [in, out]) that :meth:`apply` relies on.
+        A mismatch usually means the adapter was trained for another base model; catching it here, before any
+        tensor is written, beats a shape error (or a silently wrong merge for square weights) half-way through.
+        """
+        who = self._who()
+        for name, info in sorted(self._replacements.items()):
+            b = base.tensors.get(name)
+            if b is None:
+                raise InputError(
+                    f"{who}: adapter tensor '{info.name}' replaces base tensor '{name}', which base model {base.path} "
+                    f"does not have (tied embeddings, or an adapter for another architecture?). Use the base model "
+                    f"the adapter was trained on"
+                )
+            if tuple(b.shape) != tuple(info.shape):
+                raise InputError(
+                    f"{who}: adapter tensor '{info.name}' has shape {list(info.shape)} but base tensor '{name}' in "
+                    f"{base.path} has shape {list(b.shape)} (adapter trained on another base, or with a resized "
+                    f"vocabulary?). Use the matching base model, or resize the base first"
+                )
+        # first pass: layouts known from non-square shapes
+        decided: list[_Module] = []
+        for name, (m, what) in sorted(self._targets.items()):
+            b = base.tensors.get(name)
+            if b is None:
+                raise InputError(
+                    f"{who}: adapter key '{m.keys['B' if what == 'weight' else 'bias']}' targets base tensor '{name}', "
+                    f"which base model {base.path} does not have ("
+                    + ("PEFT's lora_bias needs a base layer with a bias" if what == "bias" else
+                       "the adapter was probably trained for another model") + "). Use the base model the adapter was "
+                    f"trained on"
+                )
+            if not b.is_float:
+                raise InputError(f"{who}: base tensor '{name}' in {base.path} has dtype {b.dtype}; LoRA needs floats")
+            if what == "bias":
+                if tuple(b.shape) != (m.out_features,):
+                    raise InputError(
+                        f"{who}: '{m.keys['bias']}' has shape {list(m.bias.shape)} but base tensor '{name}' has shape "
+                        f"{list(b.shape)}; the adapter was trained for another base model. Use the matching base"
+                    )
+                continue
+            shape = tuple(b.shape)
+            if m.embedding:
+                expected = [(m.in_features, m.out_features)]
+                desc = (f"'{m.keys['A']}' {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)} need an embedding "
+                        f"of shape [{m.in_features}, {m.out_features}]")
+            else:
+                expected = [(m.out_features, m.in_features), (m.in_features, m.out_features)]
+                desc = (f"'{m.keys['A']}' {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)} need a weight of "
+                        f"shape [{m.out_features}, {m.in_features}] (or [{m.in_features}, {m.out_features}] for "
+                        f"GPT-2 style Conv1D)")
+            if shape not in expected:
+                raise InputError(
+                    f"{who}: shape mismatch for base tensor '{name}' in {base.path}: it has shape {list(shape)}, but "
+                    f"{desc}. The adapter was trained for another base model; use the base it was trained on"
+                )
+            if not m.embedding and m.out_features != m.in_features:
+                m.conv1d = shape == (m.in_features, m.out_features)
+                decided.append(m)
+        # second pass: square weights. PEFT picks the layout from the module class; the shape cannot tell, so use
+        # fan_in_fan_out, or Conv1D when the adapter's other (non-square) targets show the model uses Conv1D.
+        any_conv = any(m.conv1d for m in decided)
+        for m in self._modules.values():
+            if not m.embedding and m.out_features == m.in_features:
+                m.conv1d = bool(self.config.get("fan_in_fan_out")) or any_conv
+            m._cache.clear()
+
+    # -- the merge ---------------------------------------------------------------------------------------------------
+    def apply(self, name: str, weight: torch.Tensor, row_start: int = 0) -> torch.Tensor:
+        """Rows ``[row_start, row_start + len(weight))`` of merged tensor ``name``, given the same rows of its input.
+
+        ``weight`` is the base (or :meth:`replacement`) rows in float32/float64 on any device; the result has the same
+        dtype and device (the small adapter matrices are moved there, cached). Tensors without a LoRA update come back
+        unchanged. Operation order follows PEFT (``(B @ A) · s`` then ``+ W``) so results agree to rounding.
+        """
+        t = self._targets.get(name)
+        if t is None:
+            return weight
+        m, what = t
+        if not weight.is_floating_point():
+            raise TypeError(f"internal: apply('{name}') needs floating-point rows, got {weight.dtype}")
+        A, B, mag, bias = m.on(weight.device, weight.dtype)
+        n = weight.shape[0]
+        rows = slice(row_start, row_start + n)
+        s = m.scale
+        if what == "bias":
+            if weight.dim() != 1 or row_start + n > bias.shape[0]:
+                raise ValueError(f"internal: apply('{name}'): rows {row_start}..{row_start + n} outside bias "
+                                 f"[{bias.shape[0]}] (shape {list(weight.shape)})")
+            return weight + bias[rows] * s
+
+        if m.embedding:
+            full_rows, row_dim = m.in_features, m.out_features
+            conv = False
+        else:
+            conv = self._conv1d(m, None)
+            full_rows, row_dim = (m.in_features, m.out_features) if conv else (m.out_features, m.in_features)
+        if weight.dim() != 2 or weight.shape[1] != row_dim or row_start < 0 or row_start + n > full_rows:
+            raise ValueError(
+                f"internal: apply('{name}'): got rows {row_start}..{row_start + n} of shape {list(weight.shape)}, "
+                f"but the adapter module '{m.path}' updates a [{full_rows}, {row_dim}] tensor (check_base not called?)"
+            )
+        if m.embedding or conv:
+            # stored [A's columns, B's rows]: Δ[rows] = ((B @ A)ᵀ)[rows] = A[:, rows]ᵀ @ Bᵀ, computed directly in
+            # row-major layout. Layout matters beyond memory: torch's norm reduces in memory order, and only a
+            # row-major result reproduces PEFT's DoRA norms bit for bit.
+            delta = A[:, rows].T @ B.T
+        else:
+            delta = B[rows] @ A
+        delta.mul_(s)
+        merged = delta.add_(weight)  # == weight + delta (IEEE addition commutes), reusing the delta buffer
+        if mag is None:
+            return merged
+        if m.embedding or conv:
+            # norm per stored column, over all rows: needs the whole tensor
+            if n != full_rows:
+                raise ValueError(
+                    f"internal: apply('{name}'): DoRA on this tensor needs the whole tensor (is_row_local is False), "
+                    f"got rows {row_start}..{row_start + n} of {full_rows}"
+                )
+            norm = torch.linalg.norm(merged, dim=0)
+            return merged.mul_((mag / norm).view(1, -1))
+        norm = torch.linalg.norm(merged, dim=1)
+        return merged.mul_((mag[rows] / norm).view(-1, 1))
