@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .methods.base import Chunk
@@ -55,6 +56,15 @@ def chunk_ranges(shape: tuple[int, ...], chunk_elements: int) -> list[tuple[int,
     row_elems = max(1, 1 if len(shape) < 2 else int(torch.tensor(shape[1:]).prod()))
     per = max(1, chunk_elements // row_elems)
     return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, 0)]
+
+
+class RawInputs(list):
+    """Raw input tensors of one output tensor; ``stacked`` is their common (inputs × elements) int16 buffer when
+    they were read for a fused kernel."""
+
+    def __init__(self, items, stacked: torch.Tensor | None = None):
+        super().__init__(items)
+        self.stacked = stacked
 
 
 class _Writer:
@@ -121,7 +131,13 @@ class Executor:
         total = sum(srcs[r.source].info(r.tensor).nbytes for r in refs)
         if total > self.cache_bytes:
             return None
-        return [srcs[r.source].read_raw(r.tensor) for r in refs]
+        if ot.task is not None and self._fused(ot) is not None:
+            # one (inputs × elements) buffer: the fused kernels take it as is, without stacking copies
+            stacked = torch.empty((len(refs), ot.task.numel), dtype=torch.int16)
+            for k, r in enumerate(refs):
+                srcs[r.source].read_raw_into(r.tensor, stacked[k])
+            return RawInputs([stacked[k].view(torch.bfloat16).reshape(ot.shape) for k in range(len(refs))], stacked)
+        return RawInputs([srcs[r.source].read_raw(r.tensor) for r in refs])
 
     def _load(self, ot: OutputTensor, cached: list[torch.Tensor] | None, index: int, r0: int, r1: int,
               last: bool) -> Chunk:
@@ -153,6 +169,10 @@ class Executor:
                 emit(c.models[0].to(out_dtype))
             return
         method, task = self.plan.method, ot.task
+        fused = self._fused(ot)
+        if fused is not None:
+            self._tensor_fused(ot, cached, fused, emit)
+            return
         stats = method.init_stats(task)
         passes = method.stats_passes(task, stats)
         if len(ranges) == 1:
@@ -170,6 +190,56 @@ class Executor:
         for i, (r0, r1) in enumerate(ranges):
             c = self._load(ot, cached, i, r0, r1, i == len(ranges) - 1)
             emit(method.apply(task, c, stats).to(out_dtype))
+
+    # -- fused CPU kernels (bf16) -----------------------------------------------------------------------------------
+    def _fused(self, ot: OutputTensor):
+        task = ot.task
+        if self.device.type != "cpu" or task.compute_dtype != torch.float32 or ot.dtype not in ("BF16", "F32"):
+            return None
+        srcs = self.plan.sources
+        for r in self._inputs(ot):
+            src = srcs[r.source]
+            if not src.unchanged(r.tensor) or src.info(r.tensor).dtype != "BF16":
+                return None
+        return self.plan.method.fused_cpu(task)
+
+    def _tensor_fused(self, ot: OutputTensor, cached, fused, emit: Callable[[torch.Tensor], None]) -> None:
+        srcs = self.plan.sources
+        refs = self._inputs(ot)
+        ranges = [(0, ot.shape[0])] if cached is not None else chunk_ranges(ot.shape, 4 * self.chunk_elements)
+
+        row = max(1, ot.task.numel // max(1, ot.shape[0])) if ot.shape else 1
+        buf = None if cached is not None else torch.empty((len(refs), (ranges[0][1] - ranges[0][0]) * row),
+                                                          dtype=torch.int16)
+
+        def raw(r0: int, r1: int):
+            if cached is not None:
+                arr = cached.stacked.numpy().view(np.uint16)
+            else:
+                n = (r1 - r0) * row
+                for k, r in enumerate(refs):
+                    srcs[r.source].read_raw_into(r.tensor, buf[k, :n], r0, r1)
+                arr = buf[:, :n].numpy().view(np.uint16)
+                if n != buf.shape[1]:
+                    arr = np.ascontiguousarray(arr)
+            if ot.base is not None:
+                return arr[0], arr[1:]
+            return None, arr
+
+        if fused.passes:
+            for p in range(fused.passes):
+                for r0, r1 in ranges:
+                    fused.accumulate(*raw(r0, r1), p)
+                fused.finish_pass(p)
+        bf16 = ot.dtype == "BF16"
+        for r0, r1 in ranges:
+            base, models = raw(r0, r1)
+            n = models.shape[1]
+            out = np.empty(n, dtype=np.uint16 if bf16 else np.float32)
+            fused.apply(base, models, out if bf16 else None, None if bf16 else out)
+            t = torch.from_numpy(out)
+            t = t.view(torch.int16).view(torch.bfloat16) if bf16 else t
+            emit(t.reshape((r1 - r0,) + tuple(ot.shape[1:])))
 
     # -- whole run ---------------------------------------------------------------------------------------------------
     def run(self, out_dir: Path, shards: list[ShardInfo]) -> None:

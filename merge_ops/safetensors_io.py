@@ -117,8 +117,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, fd: int | None = None) -> torch.Tensor:
-    """Read rows ``[row_start, row_end)`` (along dim 0) of a tensor into a new CPU tensor of its own dtype.
+def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, fd: int | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read rows ``[row_start, row_end)`` (along dim 0) of a tensor into a new CPU tensor of its own dtype (or into
+    ``out``, any contiguous CPU tensor of exactly that many bytes).
 
     The bytes are read with ``pread`` into a private buffer: no mmap, so nothing stays resident after the caller
     drops the tensor.
@@ -132,7 +134,12 @@ def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, 
         row_bytes = info.nbytes // rows if rows else 0
         out_shape = (row_end - row_start,) + tuple(shape[1:])
     count = (row_end - row_start) * row_bytes
-    buf = torch.empty(count, dtype=torch.uint8)
+    if out is not None:
+        if not out.is_contiguous() or out.numel() * out.element_size() != count:
+            raise RuntimeError(f"internal: buffer of {out.numel() * out.element_size()} bytes for {count} bytes")
+        buf = out.view(-1).view(torch.uint8)
+    else:
+        buf = torch.empty(count, dtype=torch.uint8)
     if count:
         own = fd is None
         if own:

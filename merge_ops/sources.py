@@ -80,6 +80,9 @@ class ModelSource:
     def read_raw(self, name: str, row_start: int = 0, row_end: int | None = None) -> torch.Tensor:
         return read_rows(self.info(name), row_start, row_end)
 
+    def read_raw_into(self, name: str, out: torch.Tensor, row_start: int = 0, row_end: int | None = None) -> None:
+        read_rows(self.info(name), row_start, row_end, out=out)
+
     def to_compute(self, name: str, raw: torch.Tensor, row_start: int, dtype: torch.dtype,
                    device: torch.device) -> torch.Tensor:
         """Raw rows → compute dtype on the device, with the adapter's delta applied."""

@@ -156,6 +156,10 @@ class MergeMethod:
     def apply(self, task: TensorTask, chunk: Chunk, stats: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def fused_cpu(self, task: TensorTask):
+        """Optional fast path on raw bf16 inputs (see :mod:`merge_ops.kernels`); None = use :meth:`apply`."""
+        return None
+
     def is_identity(self, task: TensorTask) -> int | None:
         """If the output is exactly one input tensor unchanged, its index (-1 = base, i = model i): the engine then
         copies bytes without decoding."""
@@ -185,8 +189,11 @@ def get_method(name: str) -> type[MergeMethod]:
 
 
 def weighted_sum(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ w_i t_i accumulated in the tensors' dtype, reusing one buffer."""
+    """Σ w_i t_i accumulated in the tensors' dtype.
+
+    Each product is rounded before it is added (no fused multiply-add), so CPU, CUDA and the fused kernels agree
+    bit for bit."""
     acc = torch.mul(tensors[0], weights[0], out=out) if out is not None else tensors[0] * weights[0]
     for t, w in zip(tensors[1:], weights[1:]):
-        acc.add_(t, alpha=w)
+        acc.add_(t * w)
     return acc

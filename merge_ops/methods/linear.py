@@ -32,6 +32,17 @@ class Linear(MergeMethod):
             weights = [w / total for w in weights]
         return weighted_sum(chunk.models, weights)
 
+    def fused_cpu(self, task: TensorTask):
+        from ..kernels import HAVE_NUMBA, FusedLinear
+
+        if not HAVE_NUMBA or task.numel < 65536:
+            return None
+        weights = [p["weight"] for p in task.model_params]
+        if task.params["normalize"]:
+            total = sum(weights)
+            weights = [w / total for w in weights]
+        return FusedLinear(weights)
+
     def is_identity(self, task: TensorTask) -> int | None:
         weights = [p["weight"] for p in task.model_params]
         if len(weights) == 1 and (task.params["normalize"] or weights[0] == 1.0):

@@ -174,6 +174,18 @@ class TaskVectorMethod(MergeMethod):
             return mask, (1.0 / rho if rho > 0 else 1.0)
         return mask, 1.0
 
+    def fused_cpu(self, task: TensorTask):
+        from ..kernels import HAVE_NUMBA, FusedTaskVector
+        from ..topk import SMALL
+
+        if not HAVE_NUMBA or self.sparsify not in ("none", "magnitude") or task.numel <= SMALL:
+            return None
+        n = task.numel
+        ks = [n if self.sparsify == "none" or p.get("density", 1.0) >= 1.0 else int(p["density"] * n)
+              for p in task.model_params]
+        return FusedTaskVector(n, ks, [p["weight"] for p in task.model_params], self.elect,
+                               task.params["normalize"], task.params["lambda"])
+
     # -- combine -----------------------------------------------------------------------------------------------------
     def apply(self, task: TensorTask, chunk: Chunk, stats: list[_ModelState] | None) -> torch.Tensor:
         if stats is None:

@@ -1,0 +1,353 @@
+"""Fused CPU kernels (numba) for the hot paths: bf16 task-vector merges (task arithmetic, TIES) and linear.
+
+Why: with plain torch ops a TIES merge makes ~40 passes over memory per element (convert, subtract, abs, histogram,
+mask, weight, elect, normalize, add, round), each allocating a temporary. These kernels read the raw bf16 inputs
+once per pass, keep everything in registers and write bf16 directly, on all cores (numba ``prange``). They compute
+exactly what the torch path computes (same operations, same order, same tie rule), and the torch path remains the
+reference used on CUDA, for other dtypes and when numba is not installed. Tests compare the two.
+
+Blocks: each kernel splits the n elements of a chunk into ``nblocks`` contiguous ranges, ``block_start(b)`` =
+b·n // nblocks, processed in parallel. The TIES tie rule ("values equal to the threshold: lowest flat index first")
+is kept in parallel by counting equal values per block first and giving each block its share of the budget.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # numba is optional at runtime: without it the torch path runs
+    import numba
+    from numba import njit, prange
+
+    HAVE_NUMBA = os.environ.get("MERGELINE_NO_NUMBA", "") == ""
+except ImportError:  # pragma: no cover - exercised only without numba
+    HAVE_NUMBA = False
+
+MODE_NONE, MODE_ALL, MODE_THRESHOLD = 0, 1, 2
+
+
+TILE = 2048  # elements per tile: all temporaries of a tile stay in L1/L2
+
+
+def nblocks_for(n: int) -> int:
+    """Blocks of whole tiles processed in parallel (a fixed function of n, so results never depend on threads)."""
+    tiles = (n + TILE - 1) // TILE
+    return max(1, min(64, tiles))
+
+
+if HAVE_NUMBA:
+    _OPTS = dict(nogil=True, cache=True, fastmath=False, error_model="numpy", boundscheck=False)
+
+    @njit(inline="always")
+    def _tile_range(b, nb, n):
+        tiles = (n + TILE - 1) // TILE
+        return (b * tiles // nb) * TILE, min(n, ((b + 1) * tiles // nb) * TILE)
+
+    @njit(inline="always")
+    def _decode(src, s, L, dst_u):
+        for j in range(L):
+            dst_u[j] = np.uint32(src[s + j]) << np.uint32(16)
+
+    @njit(inline="always")
+    def _deltas(base, models, s, L, bu, xu):
+        """bu ← base bits; xu[i] ← bits of (model_i − base) as float32."""
+        m = models.shape[0]
+        _decode(base, s, L, bu)
+        bf = bu.view(np.float32)
+        for i in range(m):
+            xi = xu[i]
+            _decode(models[i], s, L, xi)
+            xf = xi.view(np.float32)
+            for j in range(L):
+                xf[j] = xf[j] - bf[j]
+
+    @njit(parallel=True, **_OPTS)
+    def hist_level0(base, models, active, hist):
+        """hist[b, i, top16(|m_i − base|)] += 1 for active models."""
+        nb = hist.shape[0]
+        m = models.shape[0]
+        n = base.shape[0]
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            bu = np.empty(TILE, np.uint32)
+            xu = np.empty((m, TILE), np.uint32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _deltas(base, models, s, L, bu, xu)
+                for i in range(m):
+                    if active[i]:
+                        for j in range(L):
+                            hist[b, i, (xu[i, j] & np.uint32(0x7FFFFFFF)) >> np.uint32(16)] += 1
+
+    @njit(parallel=True, **_OPTS)
+    def hist_level1(base, models, prefix, hist):
+        """hist[b, i, low16(|d_i|)] += 1 where top16(|d_i|) == prefix[i] (prefix < 0: inactive)."""
+        nb = hist.shape[0]
+        m = models.shape[0]
+        n = base.shape[0]
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            bu = np.empty(TILE, np.uint32)
+            xu = np.empty((m, TILE), np.uint32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _deltas(base, models, s, L, bu, xu)
+                for i in range(m):
+                    if prefix[i] >= 0:
+                        p = np.uint32(prefix[i])
+                        for j in range(L):
+                            a = xu[i, j] & np.uint32(0x7FFFFFFF)
+                            if (a >> np.uint32(16)) == p:
+                                hist[b, i, a & np.uint32(0xFFFF)] += 1
+
+    @njit(parallel=True, **_OPTS)
+    def count_equal(base, models, mode, thr, counts):
+        """counts[b, i] = number of |d_i| equal to the threshold in block b (mode 2 models only)."""
+        nb = counts.shape[0]
+        m = models.shape[0]
+        n = base.shape[0]
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            bu = np.empty(TILE, np.uint32)
+            xu = np.empty((m, TILE), np.uint32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _deltas(base, models, s, L, bu, xu)
+                for i in range(m):
+                    if mode[i] == 2:
+                        c = 0
+                        t = thr[i]
+                        for j in range(L):
+                            c += (xu[i, j] & np.uint32(0x7FFFFFFF)) == t
+                        counts[b, i] += c
+
+    @njit(parallel=True, **_OPTS)
+    def task_vector_apply(base, models, mode, thr, eq_budget, weights, elect, normalize, total_w, lam,
+                          out_u16, out_f32, write_bf16):
+        """θ_b + λ·combine(mask_i · w_i · δ_i), the same float32 operations in the same order as the torch path."""
+        nb = eq_budget.shape[0]
+        m = models.shape[0]
+        n = base.shape[0]
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            budget = eq_budget[b].copy()
+            bu = np.empty(TILE, np.uint32)
+            xu = np.empty((m, TILE), np.uint32)
+            keep = np.empty(TILE, np.float32)
+            total = np.empty(TILE, np.float32)
+            mixed = np.empty(TILE, np.float32)
+            div = np.empty(TILE, np.float32)
+            ou = np.empty(TILE, np.uint32)
+            of = ou.view(np.float32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _deltas(base, models, s, L, bu, xu)
+                bf = bu.view(np.float32)
+                for i in range(m):
+                    xi = xu[i]
+                    xf = xi.view(np.float32)
+                    w = weights[i]
+                    if mode[i] == 2:
+                        t = thr[i]
+                        for j in range(L):
+                            keep[j] = np.float32((xi[j] & np.uint32(0x7FFFFFFF)) > t)
+                        if budget[i] > 0:  # values equal to the threshold: lowest index first
+                            for j in range(L):
+                                if budget[i] > 0 and (xi[j] & np.uint32(0x7FFFFFFF)) == t:
+                                    keep[j] = one
+                                    budget[i] -= 1
+                        for j in range(L):
+                            xf[j] = (xf[j] * keep[j]) * w
+                    elif mode[i] == 0:
+                        for j in range(L):
+                            xf[j] = (xf[j] * zero) * w
+                    else:
+                        for j in range(L):
+                            xf[j] = xf[j] * w
+                if elect:
+                    x0 = xu[0].view(np.float32)
+                    for j in range(L):
+                        total[j] = x0[j]
+                    for i in range(1, m):
+                        xf = xu[i].view(np.float32)
+                        for j in range(L):
+                            total[j] = total[j] + xf[j]
+                    for j in range(L):
+                        mixed[j] = zero
+                        div[j] = zero
+                    for i in range(m):
+                        xf = xu[i].view(np.float32)
+                        w = weights[i]
+                        for j in range(L):
+                            pos = total[j] >= zero
+                            agree = np.float32((pos and xf[j] > zero) or ((not pos) and xf[j] < zero))
+                            mixed[j] = mixed[j] + xf[j] * agree
+                            div[j] = div[j] + agree * w
+                    if normalize:
+                        for j in range(L):
+                            d = div[j] if div[j] != zero else one
+                            mixed[j] = mixed[j] / d
+                else:
+                    x0 = xu[0].view(np.float32)
+                    for j in range(L):
+                        mixed[j] = x0[j]
+                    for i in range(1, m):
+                        xf = xu[i].view(np.float32)
+                        for j in range(L):
+                            mixed[j] = mixed[j] + xf[j]
+                    if normalize:
+                        for j in range(L):
+                            mixed[j] = mixed[j] / total_w
+                if lam != one:
+                    for j in range(L):
+                        mixed[j] = mixed[j] * lam
+                for j in range(L):
+                    of[j] = bf[j] + mixed[j]
+                if write_bf16:
+                    for j in range(L):
+                        r = ou[j]
+                        nan = (r & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+                        bias = ((r >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+                        out_u16[s + j] = np.uint16(0x7FC0) if nan else np.uint16((r + bias) >> np.uint32(16))
+                else:
+                    for j in range(L):
+                        out_f32[s + j] = of[j]
+
+    @njit(parallel=True, **_OPTS)
+    def linear_apply(models, weights, out_u16, out_f32, write_bf16):
+        """Σ w_i x_i over bf16 inputs (weights already normalized), each product rounded, accumulated in float32."""
+        m = models.shape[0]
+        n = models.shape[1]
+        nb = max(1, min(64, (n + TILE - 1) // TILE))
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            xu = np.empty(TILE, np.uint32)
+            xf = xu.view(np.float32)
+            acc = np.empty(TILE, np.float32)
+            accu = acc.view(np.uint32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _decode(models[0], s, L, xu)
+                w = weights[0]
+                for j in range(L):
+                    acc[j] = xf[j] * w
+                for i in range(1, m):
+                    _decode(models[i], s, L, xu)
+                    w = weights[i]
+                    for j in range(L):
+                        acc[j] = acc[j] + xf[j] * w
+                if write_bf16:
+                    for j in range(L):
+                        r = accu[j]
+                        nan = (r & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+                        bias = ((r >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+                        out_u16[s + j] = np.uint16(0x7FC0) if nan else np.uint16((r + bias) >> np.uint32(16))
+                else:
+                    for j in range(L):
+                        out_f32[s + j] = acc[j]
+
+
+class FusedTaskVector:
+    """Streams a bf16 task-vector merge (``none``/``magnitude`` sparsification) through the kernels above.
+
+    Same protocol as a method's stats/apply, but on raw uint16 arrays: ``passes`` histogram passes over every chunk,
+    then one apply pass. Thresholds come from :class:`merge_ops.topk.TopKSelector` fed with the kernel histograms,
+    so both paths select exactly the same elements.
+    """
+
+    def __init__(self, numel: int, ks: list[int], weights: list[float], elect: bool, normalize: bool, lam: float):
+        import torch
+
+        from .topk import TopKSelector
+
+        self.numel = numel
+        self.m = len(ks)
+        self.selectors = [TopKSelector(numel, k, torch.float32) for k in ks]
+        self.mode = np.array([MODE_NONE if k <= 0 else MODE_ALL if k >= numel else MODE_THRESHOLD for k in ks],
+                             dtype=np.int8)
+        self.weights = np.array(weights, dtype=np.float32)
+        self.elect, self.normalize = bool(elect), bool(normalize)
+        self.total_w = np.float32(sum(weights))
+        self.lam = np.float32(lam)
+        self.passes = 2 if (self.mode == MODE_THRESHOLD).any() else 0
+        self.thr = np.zeros(self.m, dtype=np.uint32)
+        self.remaining = np.zeros(self.m, dtype=np.int64)
+
+    def accumulate(self, base: np.ndarray, models: np.ndarray, pass_index: int) -> None:
+        import torch
+
+        nb = nblocks_for(base.shape[0])
+        if pass_index == 0:
+            hist = np.zeros((nb, self.m, 32768), dtype=np.int32)
+            hist_level0(base, models, self.mode == MODE_THRESHOLD, hist)
+            total = hist.sum(0, dtype=np.int64)
+            for i, sel in enumerate(self.selectors):
+                if self.mode[i] == MODE_THRESHOLD:
+                    h = np.zeros(65536, dtype=np.int64)
+                    h[:32768] = total[i]
+                    sel.hist = torch.from_numpy(h) if sel.hist is None else sel.hist + torch.from_numpy(h)
+        else:
+            prefix = np.array([sel.prefix if self.mode[i] == MODE_THRESHOLD else -1
+                               for i, sel in enumerate(self.selectors)], dtype=np.int64)
+            hist = np.zeros((nb, self.m, 65536), dtype=np.int32)
+            hist_level1(base, models, prefix, hist)
+            total = hist.sum(0, dtype=np.int64)
+            for i, sel in enumerate(self.selectors):
+                if self.mode[i] == MODE_THRESHOLD:
+                    h = torch.from_numpy(total[i].copy())
+                    sel.hist = h if sel.hist is None else sel.hist + h
+
+    def finish_pass(self, pass_index: int) -> None:
+        for i, sel in enumerate(self.selectors):
+            if self.mode[i] == MODE_THRESHOLD:
+                sel.finish_pass()
+                if pass_index == 1:
+                    self.thr[i] = np.uint32(sel.prefix)
+                    self.remaining[i] = sel.keep_equal
+
+    def apply(self, base: np.ndarray, models: np.ndarray, out_u16: np.ndarray | None,
+              out_f32: np.ndarray | None) -> None:
+        n = base.shape[0]
+        nb = nblocks_for(n)
+        budget = np.zeros((nb, self.m), dtype=np.int64)
+        if (self.remaining > 0).any():
+            counts = np.zeros((nb, self.m), dtype=np.int64)
+            mode = np.where(self.remaining > 0, self.mode, MODE_ALL).astype(np.int8)
+            count_equal(base, models, mode, self.thr, counts)
+            for i in range(self.m):
+                left = self.remaining[i]
+                for b in range(nb):
+                    take = min(left, counts[b, i])
+                    budget[b, i] = take
+                    left -= take
+                self.remaining[i] = left
+        write_bf16 = out_u16 is not None
+        dummy16 = out_u16 if write_bf16 else np.empty(1, dtype=np.uint16)
+        dummy32 = out_f32 if not write_bf16 else np.empty(1, dtype=np.float32)
+        task_vector_apply(base, models, self.mode, self.thr, budget, self.weights, self.elect, self.normalize,
+                          self.total_w, self.lam, dummy16, dummy32, write_bf16)
+
+
+class FusedLinear:
+    """Linear merge of bf16 inputs in one pass (no statistics)."""
+
+    passes = 0
+
+    def __init__(self, weights: list[float]):
+        self.weights = np.array(weights, dtype=np.float32)
+
+    def accumulate(self, base, models, pass_index):  # pragma: no cover - no passes
+        raise RuntimeError("internal: linear has no statistics pass")
+
+    def finish_pass(self, pass_index: int) -> None:  # pragma: no cover
+        pass
+
+    def apply(self, base, models, out_u16, out_f32) -> None:
+        write_bf16 = out_u16 is not None
+        dummy16 = out_u16 if write_bf16 else np.empty(1, dtype=np.uint16)
+        dummy32 = out_f32 if not write_bf16 else np.empty(1, dtype=np.float32)
+        linear_apply(models, self.weights, dummy16, dummy32, write_bf16)
