@@ -39,7 +39,7 @@ class FilteredValue(BaseModel):
         return v
 
 
-ParamValue = Union[bool, float, list[float], list[FilteredValue]]
+ParamValue = Union[bool, float, str, list[float], list[FilteredValue]]
 
 
 class _Strict(BaseModel):

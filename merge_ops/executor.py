@@ -22,8 +22,9 @@ from .methods.base import Chunk
 from .plan import InputRef, MergePlan, OutputTensor
 from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter
 
-DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
-DEFAULT_CACHE_BYTES = 192 * 1024 * 1024
+DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
+DEFAULT_CACHE_BYTES = 48 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
+WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thread
 
 
 @dataclass
@@ -68,21 +69,29 @@ class RawInputs(list):
 
 
 class _Writer:
-    """One background thread that writes and hashes; ``submit`` blocks when too much is pending (bounded memory)."""
+    """One background thread that writes and hashes; ``submit`` blocks while more than ``max_bytes`` of output
+    wait to be written (bounded memory)."""
 
-    def __init__(self, max_pending: int = 3):
+    def __init__(self, max_bytes: int = WRITE_QUEUE_BYTES):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-writer")
-        self._slots = threading.Semaphore(max_pending)
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._max = max_bytes
         self._futures: list[Future] = []
 
-    def submit(self, fn: Callable[[], None]) -> None:
-        self._slots.acquire()
+    def submit(self, fn: Callable[[], None], nbytes: int = 0) -> None:
+        with self._cond:
+            while self._pending > 0 and self._pending + nbytes > self._max:
+                self._cond.wait()
+            self._pending += nbytes
 
         def run():
             try:
                 fn()
             finally:
-                self._slots.release()
+                with self._cond:
+                    self._pending -= nbytes
+                    self._cond.notify_all()
 
         self._futures.append(self._pool.submit(run))
         self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
@@ -206,7 +215,8 @@ class Executor:
     def _tensor_fused(self, ot: OutputTensor, cached, fused, emit: Callable[[torch.Tensor], None]) -> None:
         srcs = self.plan.sources
         refs = self._inputs(ot)
-        ranges = [(0, ot.shape[0])] if cached is not None else chunk_ranges(ot.shape, 4 * self.chunk_elements)
+        per_chunk = max(self.chunk_elements, self.cache_bytes // (2 * len(refs)))
+        ranges = [(0, ot.shape[0])] if cached is not None else chunk_ranges(ot.shape, per_chunk)
 
         row = max(1, ot.task.numel // max(1, ot.shape[0])) if ot.shape else 1
         buf = None if cached is not None else torch.empty((len(refs), (ranges[0][1] - ranges[0][0]) * row),
@@ -271,7 +281,7 @@ class Executor:
                         else:
                             def emit(t: torch.Tensor, sw=sw, name=ot.name) -> None:
                                 t = t.cpu() if t.device.type != "cpu" else t
-                                writer.submit(lambda: sw.write(name, t))
+                                writer.submit(lambda: sw.write(name, t), t.numel() * t.element_size())
                             self._tensor(ot, cached, emit)
                         self.progress(1)
                     writer.drain()

@@ -1,6 +1,7 @@
 """``nuslerp``: SLERP of two models weighted by their ``weight``s (t = w2 / (w1 + w2)); with a base model the two
 task vectors are interpolated and added back to the base. ``nuslerp_flatten`` (default) treats each tensor as one
-vector; otherwise rows (``nuslerp_row_wise: true``) or columns are interpolated separately."""
+vector; otherwise each row is interpolated separately (or each column with ``nuslerp_row_wise: true``, MergeKit's
+naming)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class NuSlerp(MergeMethod):
     def _mode(self, task: TensorTask) -> str:
         if task.params["nuslerp_flatten"] or len(task.shape) < 2:
             return "flat"
-        return "rows" if task.params["nuslerp_row_wise"] else "cols"
+        # MergeKit's convention: row_wise false interpolates each row W[i, :]; true interpolates columns
+        return "cols" if task.params["nuslerp_row_wise"] else "rows"
 
     def stats_passes(self, task: TensorTask, stats) -> int:
         return 0 if self._mode(task) == "rows" else 1
