@@ -120,6 +120,7 @@ class Executor:
         self.chunk_elements = chunk_elements
         self.cache_bytes = cache_bytes
         self.progress = progress or (lambda n: None)
+        self._bufs: dict[int, torch.Tensor] = {}
 
     # -- raw input access --------------------------------------------------------------------------------------------
     def _inputs(self, ot: OutputTensor) -> list[InputRef]:
@@ -157,10 +158,30 @@ class Executor:
             src = srcs[r.source]
             raw = cached[k][r0:r1] if cached is not None and len(ot.shape) >= 1 else (
                 cached[k] if cached is not None else src.read_raw(r.tensor, r0, r1 if ot.shape else None))
-            xs.append(src.to_compute(r.tensor, raw, r0, dtype, self.device))
+            xs.append(src.to_compute(r.tensor, raw, r0, dtype, self.device, out=self._buffer(k, raw.shape, dtype)))
         if ot.base is not None:
             return Chunk(index, r0, r1, xs[0], xs[1:], last)
         return Chunk(index, r0, r1, None, xs, last)
+
+    def _buffer(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable compute buffer for input ``slot`` (grown on demand, never shrunk: its size is bounded by
+        ``chunk_elements`` or ``cache_bytes``, not by the model)."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(slot)
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=self.device)
+            self._bufs[slot] = buf
+        return buf[:n].view(shape)
+
+    @staticmethod
+    def _detach_from(result: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """Results that alias a reusable input buffer must be copied before the writer thread gets them."""
+        ptrs = {t.data_ptr() for t in chunk.models}
+        if chunk.base is not None:
+            ptrs.add(chunk.base.data_ptr())
+        return result.clone() if result.data_ptr() in ptrs else result
 
     # -- per tensor --------------------------------------------------------------------------------------------------
     def _ranges(self, ot: OutputTensor) -> list[tuple[int, int]]:
@@ -175,7 +196,7 @@ class Executor:
         if ot.task is None:  # copy with a dtype change or an adapter applied
             for i, (r0, r1) in enumerate(ranges):
                 c = self._load(ot, cached, i, r0, r1, i == len(ranges) - 1)
-                emit(c.models[0].to(out_dtype))
+                emit(self._detach_from(c.models[0].to(out_dtype), c))
             return
         method, task = self.plan.method, ot.task
         fused = self._fused(ot)
@@ -190,7 +211,7 @@ class Executor:
             for p in range(passes):
                 method.accumulate(task, c, stats, p)
                 method.finish_pass(task, stats, p)
-            emit(method.apply(task, c, stats).to(out_dtype))
+            emit(self._detach_from(method.apply(task, c, stats).to(out_dtype), c))
             return
         for p in range(passes):
             for i, (r0, r1) in enumerate(ranges):
@@ -198,7 +219,7 @@ class Executor:
             method.finish_pass(task, stats, p)
         for i, (r0, r1) in enumerate(ranges):
             c = self._load(ot, cached, i, r0, r1, i == len(ranges) - 1)
-            emit(method.apply(task, c, stats).to(out_dtype))
+            emit(self._detach_from(method.apply(task, c, stats).to(out_dtype), c))
 
     # -- fused CPU kernels (bf16) -----------------------------------------------------------------------------------
     def _fused(self, ot: OutputTensor):

@@ -528,7 +528,7 @@ class LoraAdapter:
 
         ``weight`` is the base (or :meth:`replacement`) rows in float32/float64 on any device; the result has the same
         dtype and device (the small adapter matrices are moved there, cached). Tensors without a LoRA update come back
-        unchanged. Operation order follows PEFT (``(B @ A) · s`` then ``+ W``) so results agree to rounding.
+        unchanged. Plain LoRA updates ``weight`` in place (callers pass a buffer they own). Operation order follows PEFT (``(B @ A) · s`` then ``+ W``) so results agree to rounding.
         """
         t = self._targets.get(name)
         if t is None:
@@ -557,6 +557,9 @@ class LoraAdapter:
                 f"internal: apply('{name}'): got rows {row_start}..{row_start + n} of shape {list(weight.shape)}, "
                 f"but the adapter module '{m.path}' updates a [{full_rows}, {row_dim}] tensor (check_base not called?)"
             )
+        if mag is None and not (m.embedding or conv) and weight.is_contiguous():
+            # plain LoRA: one BLAS call, W += s·(B @ A) in place (no delta temporary, no extra passes)
+            return weight.addmm_(B[rows], A, alpha=s)
         if m.embedding or conv:
             # stored [A's columns, B's rows]: Δ[rows] = ((B @ A)ᵀ)[rows] = A[:, rows]ᵀ @ Bᵀ, computed directly in
             # row-major layout. Layout matters beyond memory: torch's norm reduces in memory order, and only a

@@ -84,10 +84,13 @@ class ModelSource:
         read_rows(self.info(name), row_start, row_end, out=out)
 
     def to_compute(self, name: str, raw: torch.Tensor, row_start: int, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-        """Raw rows → compute dtype on the device, with the adapter's delta applied."""
-        x = raw.to(device, non_blocking=True) if device.type != "cpu" else raw
-        x = x.to(dtype)
+                   device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw rows → a new tensor (or ``out``, a reusable buffer of the right shape) in the compute dtype on the
+        device, with the adapter's delta applied. Never returns ``raw`` itself, so callers may modify the result."""
+        if out is not None:
+            x = out.copy_(raw)  # upcasting into a reused buffer is several times faster than a fresh .to()
+        else:
+            x = raw.to(device=device, dtype=dtype, copy=True)
         if not self.unchanged(name):
             x = self.adapter.apply(name, x, row_start)
         return x

@@ -144,7 +144,10 @@ class TaskVectorMethod(MergeMethod):
             return torch.ones(d.shape, dtype=torch.bool, device=d.device)
         rows = d.reshape(1, -1) if d.dim() < 2 else d.reshape(d.shape[0], -1)
         n = rows.shape[1]
-        ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
+        # rank of each |δ| within its row (ties by index): one stable sort, then scatter the positions back
+        order = torch.argsort(rows.abs(), dim=1, stable=True)
+        ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+        ranks.scatter_(1, order, torch.arange(n, dtype=torch.float32, device=rows.device).expand(rows.shape[0], n))
         if n > 1:
             probs = (rho - eps) + (2 * eps / (n - 1)) * ranks
         else:
