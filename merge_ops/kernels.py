@@ -83,9 +83,11 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, **_OPTS)
     def hist_level1(base, models, prefix, hist):
-        """hist[b, i, low16(|d_i|)] += 1 where top16(|d_i|) == prefix[i] (prefix < 0: inactive)."""
+        """hist[b, s, low16(|d|)] += 1 where top16(|d|) == prefix[s], for selector s on model s % m
+        (prefix < 0: selector inactive)."""
         nb = hist.shape[0]
         m = models.shape[0]
+        ns = prefix.shape[0]
         n = base.shape[0]
         for b in prange(nb):
             bs, be = _tile_range(b, nb, n)
@@ -94,19 +96,21 @@ if HAVE_NUMBA:
             for s in range(bs, be, TILE):
                 L = min(TILE, be - s)
                 _deltas(base, models, s, L, bu, xu)
-                for i in range(m):
-                    if prefix[i] >= 0:
-                        p = np.uint32(prefix[i])
+                for k in range(ns):
+                    if prefix[k] >= 0:
+                        i = k % m
+                        p = np.uint32(prefix[k])
                         for j in range(L):
                             a = xu[i, j] & np.uint32(0x7FFFFFFF)
                             if (a >> np.uint32(16)) == p:
-                                hist[b, i, a & np.uint32(0xFFFF)] += 1
+                                hist[b, k, a & np.uint32(0xFFFF)] += 1
 
     @njit(parallel=True, **_OPTS)
     def count_equal(base, models, mode, thr, counts):
-        """counts[b, i] = number of |d_i| equal to the threshold in block b (mode 2 models only)."""
+        """counts[b, s] = number of |d| (model s % m) equal to selector s's threshold in block b (mode 2 only)."""
         nb = counts.shape[0]
         m = models.shape[0]
+        ns = mode.shape[0]
         n = base.shape[0]
         for b in prange(nb):
             bs, be = _tile_range(b, nb, n)
@@ -115,18 +119,41 @@ if HAVE_NUMBA:
             for s in range(bs, be, TILE):
                 L = min(TILE, be - s)
                 _deltas(base, models, s, L, bu, xu)
-                for i in range(m):
-                    if mode[i] == 2:
+                for k in range(ns):
+                    if mode[k] == 2:
+                        i = k % m
                         c = 0
-                        t = thr[i]
+                        t = thr[k]
                         for j in range(L):
                             c += (xu[i, j] & np.uint32(0x7FFFFFFF)) == t
-                        counts[b, i] += c
+                        counts[b, k] += c
+
+    @njit(inline="always")
+    def _select(xi, L, mode, thr, budget, k, out):
+        """out[j] = 1.0 where |d_j| is in the selector's top-k (exact tie rule, index order), else 0.0."""
+        one = np.float32(1.0)
+        if mode == 0:
+            for j in range(L):
+                out[j] = np.float32(0.0)
+        elif mode == 1:
+            for j in range(L):
+                out[j] = one
+        else:
+            for j in range(L):
+                out[j] = np.float32((xi[j] & np.uint32(0x7FFFFFFF)) > thr)
+            if budget[k] > 0:  # values equal to the threshold: lowest index first
+                for j in range(L):
+                    if budget[k] > 0 and (xi[j] & np.uint32(0x7FFFFFFF)) == thr:
+                        out[j] = one
+                        budget[k] -= 1
 
     @njit(parallel=True, **_OPTS)
     def task_vector_apply(base, models, mode, thr, eq_budget, weights, elect, normalize, total_w, lam,
                           out_u16, out_f32, write_bf16):
-        """θ_b + λ·combine(mask_i · w_i · δ_i), the same float32 operations in the same order as the torch path."""
+        """θ_b + λ·combine(mask_i · w_i · δ_i), the same float32 operations in the same order as the torch path.
+
+        Selector i (< m) keeps the top entries of δ_i; selector m + i, when active, removes its own (smaller) top
+        set again (breadcrumbs' outlier cut): mask_i = top(k_hi) ∧ ¬top(k_lo)."""
         nb = eq_budget.shape[0]
         m = models.shape[0]
         n = base.shape[0]
@@ -138,6 +165,7 @@ if HAVE_NUMBA:
             bu = np.empty(TILE, np.uint32)
             xu = np.empty((m, TILE), np.uint32)
             keep = np.empty(TILE, np.float32)
+            cut = np.empty(TILE, np.float32)
             total = np.empty(TILE, np.float32)
             mixed = np.empty(TILE, np.float32)
             div = np.empty(TILE, np.float32)
@@ -151,23 +179,17 @@ if HAVE_NUMBA:
                     xi = xu[i]
                     xf = xi.view(np.float32)
                     w = weights[i]
-                    if mode[i] == 2:
-                        t = thr[i]
-                        for j in range(L):
-                            keep[j] = np.float32((xi[j] & np.uint32(0x7FFFFFFF)) > t)
-                        if budget[i] > 0:  # values equal to the threshold: lowest index first
-                            for j in range(L):
-                                if budget[i] > 0 and (xi[j] & np.uint32(0x7FFFFFFF)) == t:
-                                    keep[j] = one
-                                    budget[i] -= 1
-                        for j in range(L):
-                            xf[j] = (xf[j] * keep[j]) * w
-                    elif mode[i] == 0:
-                        for j in range(L):
-                            xf[j] = (xf[j] * zero) * w
-                    else:
+                    if mode[i] == 1 and mode[m + i] == 0:
                         for j in range(L):
                             xf[j] = xf[j] * w
+                        continue
+                    _select(xi, L, mode[i], thr[i], budget, i, keep)
+                    if mode[m + i] != 0:
+                        _select(xi, L, mode[m + i], thr[m + i], budget, m + i, cut)
+                        for j in range(L):
+                            keep[j] = np.float32(keep[j] > zero and cut[j] == zero)
+                    for j in range(L):
+                        xf[j] = (xf[j] * keep[j]) * w
                 if elect:
                     x0 = xu[0].view(np.float32)
                     for j in range(L):
@@ -218,6 +240,24 @@ if HAVE_NUMBA:
                         out_f32[s + j] = of[j]
 
     @njit(parallel=True, **_OPTS)
+    def radix_hist(bits, shift, prefix, hist):
+        """hist[b, (bits >> shift) & 0xFFFF] += 1 where bits >> (shift + 16) == prefix (prefix < 0: all values).
+
+        ``bits`` are float magnitudes viewed as unsigned integers (their order is the float order)."""
+        nb = hist.shape[0]
+        n = bits.shape[0]
+        for b in prange(nb):
+            s, e = b * n // nb, (b + 1) * n // nb
+            if prefix < 0:
+                for j in range(s, e):
+                    hist[b, (bits[j] >> shift) & 0xFFFF] += 1
+            else:
+                for j in range(s, e):
+                    v = bits[j]
+                    if (v >> (shift + 16)) == prefix:
+                        hist[b, (v >> shift) & 0xFFFF] += 1
+
+    @njit(parallel=True, **_OPTS)
     def linear_apply(models, weights, out_u16, out_f32, write_bf16):
         """Σ w_i x_i over bf16 inputs (weights already normalized), each product rounded, accumulated in float32."""
         m = models.shape[0]
@@ -252,79 +292,89 @@ if HAVE_NUMBA:
 
 
 class FusedTaskVector:
-    """Streams a bf16 task-vector merge (``none``/``magnitude`` sparsification) through the kernels above.
+    """Streams a bf16 task-vector merge (no sparsification, magnitude top-k, or breadcrumbs' band) through the
+    kernels above.
 
-    Same protocol as a method's stats/apply, but on raw uint16 arrays: ``passes`` histogram passes over every chunk,
-    then one apply pass. Thresholds come from :class:`merge_ops.topk.TopKSelector` fed with the kernel histograms,
-    so both paths select exactly the same elements.
+    Same protocol as a method's stats/apply, but on raw uint16 arrays: two histogram passes over every chunk (when
+    any selector needs a threshold), then one apply pass. Each model has an "upper" selector (keep its top k_hi
+    entries) and optionally a "lower" one (drop its top k_lo again); thresholds come from
+    :class:`merge_ops.topk.TopKSelector` fed with the kernel histograms, so both paths select exactly the same
+    elements.
     """
 
-    def __init__(self, numel: int, ks: list[int], weights: list[float], elect: bool, normalize: bool, lam: float):
+    def __init__(self, numel: int, ks: list[int], weights: list[float], elect: bool, normalize: bool, lam: float,
+                 ks_lo: list[int] | None = None):
         import torch
 
         from .topk import TopKSelector
 
         self.numel = numel
         self.m = len(ks)
-        self.selectors = [TopKSelector(numel, k, torch.float32) for k in ks]
-        self.mode = np.array([MODE_NONE if k <= 0 else MODE_ALL if k >= numel else MODE_THRESHOLD for k in ks],
+        ks_all = list(ks) + list(ks_lo if ks_lo is not None else [0] * self.m)
+        self.selectors = [TopKSelector(numel, k, torch.float32) for k in ks_all]
+        self.mode = np.array([MODE_NONE if k <= 0 else MODE_ALL if k >= numel else MODE_THRESHOLD for k in ks_all],
                              dtype=np.int8)
         self.weights = np.array(weights, dtype=np.float32)
         self.elect, self.normalize = bool(elect), bool(normalize)
         self.total_w = np.float32(sum(weights))
         self.lam = np.float32(lam)
         self.passes = 2 if (self.mode == MODE_THRESHOLD).any() else 0
-        self.thr = np.zeros(self.m, dtype=np.uint32)
-        self.remaining = np.zeros(self.m, dtype=np.int64)
+        self.thr = np.zeros(2 * self.m, dtype=np.uint32)
+        self.remaining = np.zeros(2 * self.m, dtype=np.int64)
+
+    def _hist_blocks(self, n: int) -> int:
+        return max(1, min(8, (n + TILE - 1) // TILE))
 
     def accumulate(self, base: np.ndarray, models: np.ndarray, pass_index: int) -> None:
         import torch
 
-        nb = nblocks_for(base.shape[0])
+        nb = self._hist_blocks(base.shape[0])
+        active = self.mode == MODE_THRESHOLD
         if pass_index == 0:
+            per_model = active[: self.m] | active[self.m:]
             hist = np.zeros((nb, self.m, 32768), dtype=np.int32)
-            hist_level0(base, models, self.mode == MODE_THRESHOLD, hist)
+            hist_level0(base, models, per_model, hist)
             total = hist.sum(0, dtype=np.int64)
-            for i, sel in enumerate(self.selectors):
-                if self.mode[i] == MODE_THRESHOLD:
+            for k, sel in enumerate(self.selectors):
+                if active[k]:
                     h = np.zeros(65536, dtype=np.int64)
-                    h[:32768] = total[i]
+                    h[:32768] = total[k % self.m]
                     sel.hist = torch.from_numpy(h) if sel.hist is None else sel.hist + torch.from_numpy(h)
         else:
-            prefix = np.array([sel.prefix if self.mode[i] == MODE_THRESHOLD else -1
-                               for i, sel in enumerate(self.selectors)], dtype=np.int64)
-            hist = np.zeros((nb, self.m, 65536), dtype=np.int32)
+            prefix = np.array([sel.prefix if active[k] else -1 for k, sel in enumerate(self.selectors)],
+                              dtype=np.int64)
+            hist = np.zeros((nb, 2 * self.m, 65536), dtype=np.int32)
             hist_level1(base, models, prefix, hist)
             total = hist.sum(0, dtype=np.int64)
-            for i, sel in enumerate(self.selectors):
-                if self.mode[i] == MODE_THRESHOLD:
-                    h = torch.from_numpy(total[i].copy())
+            for k, sel in enumerate(self.selectors):
+                if active[k]:
+                    h = torch.from_numpy(total[k].copy())
                     sel.hist = h if sel.hist is None else sel.hist + h
 
     def finish_pass(self, pass_index: int) -> None:
-        for i, sel in enumerate(self.selectors):
-            if self.mode[i] == MODE_THRESHOLD:
+        for k, sel in enumerate(self.selectors):
+            if self.mode[k] == MODE_THRESHOLD:
                 sel.finish_pass()
                 if pass_index == 1:
-                    self.thr[i] = np.uint32(sel.prefix)
-                    self.remaining[i] = sel.keep_equal
+                    self.thr[k] = np.uint32(sel.prefix)
+                    self.remaining[k] = sel.keep_equal
 
     def apply(self, base: np.ndarray, models: np.ndarray, out_u16: np.ndarray | None,
               out_f32: np.ndarray | None) -> None:
         n = base.shape[0]
         nb = nblocks_for(n)
-        budget = np.zeros((nb, self.m), dtype=np.int64)
+        budget = np.zeros((nb, 2 * self.m), dtype=np.int64)
         if (self.remaining > 0).any():
-            counts = np.zeros((nb, self.m), dtype=np.int64)
+            counts = np.zeros((nb, 2 * self.m), dtype=np.int64)
             mode = np.where(self.remaining > 0, self.mode, MODE_ALL).astype(np.int8)
             count_equal(base, models, mode, self.thr, counts)
-            for i in range(self.m):
-                left = self.remaining[i]
+            for k in range(2 * self.m):
+                left = self.remaining[k]
                 for b in range(nb):
-                    take = min(left, counts[b, i])
-                    budget[b, i] = take
+                    take = min(left, counts[b, k])
+                    budget[b, k] = take
                     left -= take
-                self.remaining[i] = left
+                self.remaining[k] = left
         write_bf16 = out_u16 is not None
         dummy16 = out_u16 if write_bf16 else np.empty(1, dtype=np.uint16)
         dummy32 = out_f32 if not write_bf16 else np.empty(1, dtype=np.float32)

@@ -264,3 +264,41 @@ def test_cli_merge_and_merge_lora(tiny_family, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipelines.cli", "merge", str(p), str(tmp_path / "d"), "--dry-run"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("ok: 21 output tensors") and not (tmp_path / "d").exists()
+
+
+def test_hub_reference_resolves_from_local_cache(tiny_family, tmp_path, monkeypatch):
+    """`org/name@revision` is read from the local Hugging Face cache (no network); a missing revision is a clear
+    error that mentions --download."""
+    import hashlib as _h
+    import shutil
+
+    cache = tmp_path / "hf"
+    repo = cache / "models--acme--tiny-ft"
+    commit = "a" * 40
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in tiny_family["ft1"].iterdir():
+        digest = _h.sha256(f.read_bytes()).hexdigest()
+        shutil.copy(f, repo / "blobs" / digest)
+        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import importlib
+
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    importlib.import_module("merge_ops.references")
+    cfg = ties_cfg(tiny_family)
+    cfg["models"][0]["model"] = "acme/tiny-ft@main"
+    res = merge(cfg, tmp_path / "out", MergeOptions(device="cpu"))
+    manifest = res.manifest
+    hashed = {Path(k).name: v for k, v in manifest["input_sha256"].items()}
+    assert hashed["model.safetensors"] in {sha(tiny_family["ft1"] / "model.safetensors")}
+    cfg["models"][0]["model"] = "acme/tiny-ft@v9"
+    with pytest.raises(Exception, match=r"acme/tiny-ft.*revision 'v9'.*--download"):
+        merge(cfg, tmp_path / "out2", MergeOptions(device="cpu"))
+    assert not (tmp_path / "out2").exists()

@@ -38,6 +38,8 @@ def both_paths(cfg, tmp_path, name, options):
 CASES = {
     "ties": ("ties", {"density": 0.5}, {"lambda": 0.9}),
     "ties-density-0-and-1": ("ties", None, {"normalize": False}),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.02}, {"normalize": True}),
     "task_arithmetic": ("task_arithmetic", {}, {"lambda": 1.3, "normalize": True}),
     "linear": ("linear", {}, {}),
 }

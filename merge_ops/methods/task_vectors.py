@@ -181,13 +181,21 @@ class TaskVectorMethod(MergeMethod):
         from ..kernels import HAVE_NUMBA, FusedTaskVector
         from ..topk import SMALL
 
-        if not HAVE_NUMBA or self.sparsify not in ("none", "magnitude") or task.numel <= SMALL:
+        if not HAVE_NUMBA or self.sparsify not in ("none", "magnitude", "breadcrumbs") or task.numel <= SMALL:
             return None
         n = task.numel
-        ks = [n if self.sparsify == "none" or p.get("density", 1.0) >= 1.0 else int(p["density"] * n)
-              for p in task.model_params]
+        ks, ks_lo = [], []
+        for p in task.model_params:
+            keep = n if self.sparsify == "none" or p.get("density", 1.0) >= 1.0 else int(p["density"] * n)
+            top = 0
+            if self.sparsify == "breadcrumbs":
+                top = int(p["gamma"] * n)
+                if keep + top > n:
+                    top = n - keep
+            ks.append(keep + top)
+            ks_lo.append(top)
         return FusedTaskVector(n, ks, [p["weight"] for p in task.model_params], self.elect,
-                               task.params["normalize"], task.params["lambda"])
+                               task.params["normalize"], task.params["lambda"], ks_lo)
 
     # -- combine -----------------------------------------------------------------------------------------------------
     def apply(self, task: TensorTask, chunk: Chunk, stats: list[_ModelState] | None) -> torch.Tensor:
