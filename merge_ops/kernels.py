@@ -25,7 +25,7 @@ try:  # numba is optional at runtime: without it the torch path runs
 except ImportError:  # pragma: no cover - exercised only without numba
     HAVE_NUMBA = False
 
-MODE_NONE, MODE_ALL, MODE_THRESHOLD = 0, 1, 2
+MODE_NONE, MODE_ALL, MODE_THRESHOLD, MODE_RANDOM = 0, 1, 2, 3
 
 
 TILE = 2048  # elements per tile: all temporaries of a tile stay in L1/L2
@@ -129,9 +129,23 @@ if HAVE_NUMBA:
                         counts[b, k] += c
 
     @njit(inline="always")
-    def _select(xi, L, mode, thr, budget, k, out):
-        """out[j] = 1.0 where |d_j| is in the selector's top-k (exact tie rule, index order), else 0.0."""
+    def _uniform(key, idx):
+        """Same function as merge_ops.rng.uniform: SplitMix64 finalizer of key + idx·golden, top 24 bits."""
+        z = np.uint64(key) + np.uint64(idx) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+
+    @njit(inline="always")
+    def _select(xi, L, mode, thr, budget, k, out, key=np.uint64(0), rho=np.float32(1.0), start=0):
+        """out[j] = 1.0 where |d_j| is in the selector's top-k (exact tie rule, index order), else 0.0;
+        mode 3: Bernoulli(rho) from the counter-based generator at flat index start + j."""
         one = np.float32(1.0)
+        if mode == 3:
+            for j in range(L):
+                out[j] = np.float32(_uniform(key, start + j) < rho)
+            return
         if mode == 0:
             for j in range(L):
                 out[j] = np.float32(0.0)
@@ -149,7 +163,7 @@ if HAVE_NUMBA:
 
     @njit(parallel=True, **_OPTS)
     def task_vector_apply(base, models, mode, thr, eq_budget, weights, elect, normalize, total_w, lam,
-                          out_u16, out_f32, write_bf16):
+                          out_u16, out_f32, write_bf16, keys, rhos, offset, dweights):
         """θ_b + λ·combine(mask_i · w_i · δ_i), the same float32 operations in the same order as the torch path.
 
         Selector i (< m) keeps the top entries of δ_i; selector m + i, when active, removes its own (smaller) top
@@ -183,7 +197,7 @@ if HAVE_NUMBA:
                         for j in range(L):
                             xf[j] = xf[j] * w
                         continue
-                    _select(xi, L, mode[i], thr[i], budget, i, keep)
+                    _select(xi, L, mode[i], thr[i], budget, i, keep, keys[i], rhos[i], offset + s)
                     if mode[m + i] != 0:
                         _select(xi, L, mode[m + i], thr[m + i], budget, m + i, cut)
                         for j in range(L):
@@ -203,7 +217,7 @@ if HAVE_NUMBA:
                         div[j] = zero
                     for i in range(m):
                         xf = xu[i].view(np.float32)
-                        w = weights[i]
+                        w = dweights[i]
                         for j in range(L):
                             pos = total[j] >= zero
                             agree = np.float32((pos and xf[j] > zero) or ((not pos) and xf[j] < zero))
@@ -238,6 +252,31 @@ if HAVE_NUMBA:
                 else:
                     for j in range(L):
                         out_f32[s + j] = of[j]
+
+    @njit(parallel=True, **_OPTS)
+    def random_l1_stats(base, models, keys, rhos, offset, sums):
+        """sums[b, i, 0] += Σ|δ_i|, sums[b, i, 1] += Σ|δ_i|·keep_i (DARE's L1 rescale), in float64."""
+        nb = sums.shape[0]
+        m = models.shape[0]
+        n = base.shape[0]
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            bu = np.empty(TILE, np.uint32)
+            xu = np.empty((m, TILE), np.uint32)
+            for s in range(bs, be, TILE):
+                L = min(TILE, be - s)
+                _deltas(base, models, s, L, bu, xu)
+                for i in range(m):
+                    xf = xu[i].view(np.float32)
+                    full = 0.0
+                    kept = 0.0
+                    for j in range(L):
+                        a = np.float64(abs(xf[j]))
+                        full += a
+                        if _uniform(keys[i], offset + s + j) < rhos[i]:
+                            kept += a
+                    sums[b, i, 0] += full
+                    sums[b, i, 1] += kept
 
     @njit(parallel=True, **_OPTS)
     def radix_hist(bits, shift, prefix, hist):
@@ -303,7 +342,7 @@ class FusedTaskVector:
     """
 
     def __init__(self, numel: int, ks: list[int], weights: list[float], elect: bool, normalize: bool, lam: float,
-                 ks_lo: list[int] | None = None):
+                 ks_lo: list[int] | None = None, random: tuple[list[int], list[float], str | None] | None = None):
         import torch
 
         from .topk import TopKSelector
@@ -315,12 +354,30 @@ class FusedTaskVector:
         self.mode = np.array([MODE_NONE if k <= 0 else MODE_ALL if k >= numel else MODE_THRESHOLD for k in ks_all],
                              dtype=np.int8)
         self.weights = np.array(weights, dtype=np.float32)
+        self.div_weights = self.weights.copy()  # TIES divisor Σ m_i w_i uses the weights before any rescale
         self.elect, self.normalize = bool(elect), bool(normalize)
         self.total_w = np.float32(sum(weights))
         self.lam = np.float32(lam)
         self.passes = 2 if (self.mode == MODE_THRESHOLD).any() else 0
         self.thr = np.zeros(2 * self.m, dtype=np.uint32)
         self.remaining = np.zeros(2 * self.m, dtype=np.int64)
+        self.keys = np.zeros(self.m, dtype=np.uint64)
+        self.rhos = np.ones(self.m, dtype=np.float32)
+        self.rescale: str | None = None
+        self.base_weights = list(weights)
+        self.offset = 0  # flat index of the current chunk's first element (random masks are per element)
+        self.sums = np.zeros((self.m, 2), dtype=np.float64)
+        if random is not None:  # DARE: Bernoulli(ρ) masks, optional L1 rescale (one statistics pass)
+            keys, rhos, self.rescale = random
+            for i, (key, rho) in enumerate(zip(keys, rhos)):
+                if rho < 1.0:
+                    self.mode[i] = MODE_RANDOM
+                    self.keys[i] = np.uint64(key)
+                    self.rhos[i] = np.float32(rho)
+            self.passes = 1 if self.rescale == "l1" and (self.mode[: self.m] == MODE_RANDOM).any() else 0
+            if self.rescale == "inverse_density":
+                self.weights = np.array([w * (1.0 / r if r > 0 else 1.0) if md == MODE_RANDOM else w
+                                         for w, r, md in zip(weights, rhos, self.mode[: self.m])], dtype=np.float32)
 
     def _hist_blocks(self, n: int) -> int:
         return max(1, min(8, (n + TILE - 1) // TILE))
@@ -329,6 +386,12 @@ class FusedTaskVector:
         import torch
 
         nb = self._hist_blocks(base.shape[0])
+        if self.rescale is not None:
+            sums = np.zeros((nb, self.m, 2), dtype=np.float64)
+            random_l1_stats(base, models, self.keys, self.rhos, np.int64(self.offset), sums)
+            self.sums += sums.sum(0)
+            self.offset += base.shape[0]
+            return
         active = self.mode == MODE_THRESHOLD
         if pass_index == 0:
             per_model = active[: self.m] | active[self.m:]
@@ -352,6 +415,15 @@ class FusedTaskVector:
                     sel.hist = h if sel.hist is None else sel.hist + h
 
     def finish_pass(self, pass_index: int) -> None:
+        if self.rescale == "l1":
+            w = []
+            for i, bw in enumerate(self.base_weights):
+                full, kept = self.sums[i]
+                scale = 1.0 if (self.mode[i] != MODE_RANDOM or full < 1e-7 or kept < 1e-7) else full / kept
+                w.append(bw * scale)
+            self.weights = np.array(w, dtype=np.float32)
+            self.offset = 0
+            return
         for k, sel in enumerate(self.selectors):
             if self.mode[k] == MODE_THRESHOLD:
                 sel.finish_pass()
@@ -379,7 +451,9 @@ class FusedTaskVector:
         dummy16 = out_u16 if write_bf16 else np.empty(1, dtype=np.uint16)
         dummy32 = out_f32 if not write_bf16 else np.empty(1, dtype=np.float32)
         task_vector_apply(base, models, self.mode, self.thr, budget, self.weights, self.elect, self.normalize,
-                          self.total_w, self.lam, dummy16, dummy32, write_bf16)
+                          self.total_w, self.lam, dummy16, dummy32, write_bf16, self.keys, self.rhos,
+                          np.int64(self.offset), self.div_weights)
+        self.offset += n
 
 
 class FusedLinear:

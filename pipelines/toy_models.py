@@ -30,7 +30,7 @@ def save_tokenizer(path: Path, vocab_size: int = 128) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:64],
+        initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:max(0, vocab_size - 64)],
     )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

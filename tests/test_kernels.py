@@ -41,6 +41,8 @@ CASES = {
     "breadcrumbs": ("breadcrumbs", {"density": 0.6, "gamma": 0.05}, {}),
     "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.02}, {"normalize": True}),
     "task_arithmetic": ("task_arithmetic", {}, {"lambda": 1.3, "normalize": True}),
+    "dare_ties": ("dare_ties", {"density": 0.4}, {"normalize": True}),
+    "dare_linear-inverse": ("dare_linear", {"density": 0.7}, {"rescale_mode": "inverse_density"}),
     "linear": ("linear", {}, {}),
 }
 
@@ -62,7 +64,14 @@ def test_fused_equals_torch(wide_family, tmp_path, case, streamed):
     fused, ref = both_paths(cfg, tmp_path, case, options)
     assert set(fused) == set(ref)
     for k in ref:
-        assert torch.equal(fused[k], ref[k]), (k, (fused[k].float() - ref[k].float()).abs().max())
+        if method == "dare_ties":
+            # the L1 rescale factor is a float64 sum taken in a different order: allow 1 bf16 ulp, rarely
+            diff = (fused[k].float() - ref[k].float()).abs()
+            ulp = ref[k].float().abs().clamp_min(1e-30) * 2 ** -7
+            assert bool((diff <= ulp).all()), k
+            assert int((diff > 0).sum()) <= max(4, ref[k].numel() // 1000), k
+        else:
+            assert torch.equal(fused[k], ref[k]), (k, (fused[k].float() - ref[k].float()).abs().max())
 
 
 def test_fused_path_is_actually_used(wide_family, monkeypatch):
@@ -83,3 +92,21 @@ def test_fused_path_is_actually_used(wide_family, monkeypatch):
     plan = plan_merge(cfg, MergeOptions(device="cpu"))
     big = [t for t in plan.tensors if t.task is not None and t.task.numel > 2**18]
     assert big and all(Executor(plan)._fused(t) is not None for t in big)
+
+
+def test_counter_rng_matches_between_torch_and_numba():
+    import numpy as np
+
+    from merge_ops.rng import stream_key, uniform
+
+    key = stream_key(7, "model.layers.0.mlp.up_proj.weight", 2)
+    u = uniform(key, 123456789, 5000)
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    base = np.zeros(5000, dtype=np.uint16)
+    models = np.zeros((1, 5000), dtype=np.uint16)
+    # the numba generator drives random_l1_stats; compare through a tiny kernel call per element instead
+    with np.errstate(over="ignore"):  # uint64 wrap-around is the point
+        got = np.array([K._uniform.py_func(np.uint64(key), 123456789 + j) for j in range(200)], dtype=np.float32)
+    assert np.array_equal(got, u[:200].numpy())
+    assert torch.equal(uniform(key, 10, 100)[5:], uniform(key, 15, 95))  # depends only on the index

@@ -86,13 +86,6 @@ class TensorTask:
     def rows(self) -> int:
         return self.shape[0] if self.shape else 1
 
-    def generator(self, model_index: int, chunk_index: int) -> torch.Generator:
-        """A CPU generator seeded from (seed, tensor name, model, chunk): random masks are identical whatever the
-        device, thread count or order of processing."""
-        import hashlib
-
-        h = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_index}\0{chunk_index}".encode()).digest()
-        return torch.Generator(device="cpu").manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
 
 
 @dataclass

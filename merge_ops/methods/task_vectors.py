@@ -130,18 +130,21 @@ class TaskVectorMethod(MergeMethod):
 
     # -- masks -------------------------------------------------------------------------------------------------------
     def _random_mask(self, task: TensorTask, chunk: Chunk, i: int, d: torch.Tensor) -> torch.Tensor:
+        """Bernoulli keep mask from the counter-based generator: element e of the tensor is kept when
+        uniform(key, e) < p_e (p = ρ for DARE; DELLA's rank-dependent probability). See :mod:`merge_ops.rng`."""
+        from ..rng import stream_key, uniform
+
         p = task.model_params[i]
         rho = p["density"]
-        g = task.generator(i, chunk.index)
-        if self.sparsify == "random":
-            if rho >= 1.0:
-                return torch.ones(d.shape, dtype=torch.bool, device=d.device)
-            u = torch.rand(d.shape, generator=g, dtype=torch.float32)
-            return (u < rho).to(d.device)
-        # della: per row, keep probability rises linearly with the magnitude rank from ρ-ε to ρ+ε
-        eps = p["epsilon"]
         if rho >= 1.0:
             return torch.ones(d.shape, dtype=torch.bool, device=d.device)
+        row_elems = d.numel() // d.shape[0] if d.dim() >= 1 and d.shape[0] else d.numel()
+        start = chunk.row_start * row_elems if d.dim() >= 2 else 0
+        u = uniform(stream_key(task.seed, task.name, i), start, d.numel(), d.device).reshape(d.shape)
+        if self.sparsify == "random":
+            return u < rho
+        # della: per row, keep probability rises linearly with the magnitude rank from ρ-ε to ρ+ε
+        eps = p["epsilon"]
         rows = d.reshape(1, -1) if d.dim() < 2 else d.reshape(d.shape[0], -1)
         n = rows.shape[1]
         # rank of each |δ| within its row (ties by index): one stable sort, then scatter the positions back
@@ -152,8 +155,7 @@ class TaskVectorMethod(MergeMethod):
             probs = (rho - eps) + (2 * eps / (n - 1)) * ranks
         else:
             probs = torch.full_like(ranks, rho)
-        u = torch.rand(rows.shape, generator=g, dtype=torch.float32).to(d.device)
-        return (u < probs).reshape(d.shape)
+        return (u.reshape(rows.shape) < probs).reshape(d.shape)
 
     def _mask(self, task: TensorTask, chunk: Chunk, i: int, d: torch.Tensor, st: _ModelState) -> tuple[torch.Tensor | None, float]:
         """Keep mask of δ_i for this chunk (None = keep all) and the rescale factor."""
@@ -181,9 +183,18 @@ class TaskVectorMethod(MergeMethod):
         from ..kernels import HAVE_NUMBA, FusedTaskVector
         from ..topk import SMALL
 
-        if not HAVE_NUMBA or self.sparsify not in ("none", "magnitude", "breadcrumbs") or task.numel <= SMALL:
+        if not HAVE_NUMBA or self.sparsify not in ("none", "magnitude", "breadcrumbs", "random") or \
+                task.numel <= SMALL:
             return None
         n = task.numel
+        if self.sparsify == "random":
+            from ..rng import stream_key
+
+            weights = [p["weight"] for p in task.model_params]
+            random = ([stream_key(task.seed, task.name, i) for i in range(len(weights))],
+                      [p["density"] for p in task.model_params], self._rescaling(task))
+            return FusedTaskVector(n, [n] * len(weights), weights, self.elect, task.params["normalize"],
+                                   task.params["lambda"], None, random)
         ks, ks_lo = [], []
         for p in task.model_params:
             keep = n if self.sparsify == "none" or p.get("density", 1.0) >= 1.0 else int(p["density"] * n)
