@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # One entry point for a fresh clone:  ./dev.sh demo   (set up + run the demo)   |   ./dev.sh test   (set up + tests)
+#   ./dev.sh demo        set up, materialize the demo pipeline into .dagster_home/ (SQLite), then serve the Dagster UI
+#   ./dev.sh test        set up (incl. Debian chromium for the UI test when root), run the whole pytest suite
+#   ./dev.sh merge-demo  set up, run the engine-only merge demo (no Dagster)
+#   ./dev.sh unsloth     create the optional .venv-unsloth/ (see README)
 # Setup creates .venv/ in the repo root. torch: on a machine with an NVIDIA GPU the default PyPI build (CUDA) is
 # installed; without one, torch==2.13.0 (on this project's CPU machines a CPU wheel from the local wheel cache).
 # Override with MERGELINE_TORCH="torch==X.Y --index-url ..." if you need another build.
@@ -35,7 +39,9 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
   setup) setup ;;
-  demo) setup; exec .venv/bin/python -m pipelines.demo "$@" ;;
-  test) setup; exec .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: ./dev.sh demo | test | setup" >&2; exit 2 ;;
+  demo) setup; exec .venv/bin/python -m pipelines.demo_dagster "$@" ;;
+  merge-demo) setup; exec .venv/bin/python -m pipelines.demo "$@" ;;
+  test) setup; bash scripts/install_browser.sh; exec .venv/bin/python -m pytest "$@" ;;
+  unsloth) setup; exec bash scripts/install_unsloth.sh "$@" ;;
+  *) echo "usage: ./dev.sh demo | test | merge-demo | unsloth | setup" >&2; exit 2 ;;
 esac

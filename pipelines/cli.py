@@ -99,6 +99,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate pipeline files without Dagster: all errors with their YAML paths (exit 2), or a summary (exit 0)."""
+    from pipelines.spec import PipelineSpecError, load_pipeline, pipeline_outline
+
+    status = 0
+    for path in args.pipeline:
+        try:
+            spec = load_pipeline(path)
+        except PipelineSpecError as e:
+            print(f"mergeline: {e.source}: {len(e.errors)} error(s)", file=sys.stderr)
+            for msg in e.errors:
+                print(f"  {msg}", file=sys.stderr)
+            status = 2
+            continue
+        print(f"{path}: ok: {spec.summary()}")
+        if not args.quiet:
+            for line in pipeline_outline(spec):
+                print(f"  {line}")
+        for w in spec.warnings:
+            print(f"  warning: {w}")
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeline", description="Streaming LLM merges (MergeKit configs, LoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("validate", help="check pipeline YAML files (names, cycles, methods, architectures, ...)")
+    p.add_argument("pipeline", type=Path, nargs="+")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the one-line summary per file")
+    p.set_defaults(func=cmd_validate)
     return parser
 
 

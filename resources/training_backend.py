@@ -764,6 +764,13 @@ def _write_outputs(model, out_dir: Path, *, backend: str, cfg: LoraTrainConfig, 
     model.save_pretrained(str(out_dir))
     if not (out_dir / "adapter_config.json").is_file():
         raise TrainingError(f"save_pretrained wrote no adapter_config.json to {out_dir}")
+    # PEFT stores target_modules as a set, so its order (and the file's bytes) change from process to process;
+    # sort it so the same training run gives the same bytes (and the same content hash / data version)
+    conf_path = out_dir / "adapter_config.json"
+    conf = json.loads(conf_path.read_text())
+    if isinstance(conf.get("target_modules"), list):
+        conf["target_modules"] = sorted(conf["target_modules"])
+        conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     metrics = dict(train["metrics"], **extra)
     final_loss = train["losses"][-1][1]
     deterministic_metrics = {k: v for k, v in metrics.items()

@@ -35,10 +35,11 @@ class Slerp(MergeMethod):
         return _Stats()
 
     def accumulate(self, task: TensorTask, chunk: Chunk, stats: _Stats, pass_index: int) -> None:
-        v0, v1 = chunk.base, chunk.models[0]
-        stats.dot += float(torch.dot(v0.reshape(-1).double(), v1.reshape(-1).double()))
-        stats.sq0 += float(torch.dot(v0.reshape(-1).double(), v0.reshape(-1).double()))
-        stats.sq1 += float(torch.dot(v1.reshape(-1).double(), v1.reshape(-1).double()))
+        v0 = chunk.base.reshape(-1).double()
+        v1 = chunk.models[0].reshape(-1).double()
+        stats.dot += float(torch.dot(v0, v1))
+        stats.sq0 += float(torch.dot(v0, v0))
+        stats.sq1 += float(torch.dot(v1, v1))
 
     def finish_pass(self, task: TensorTask, stats: _Stats, pass_index: int) -> None:
         stats.c0, stats.c1 = slerp_coefficients(task.params["t"], stats.dot, stats.sq0 ** 0.5, stats.sq1 ** 0.5)

@@ -1,0 +1,1132 @@
+"""The pipeline spec: one YAML file declares base models, datasets, fine-tunes, adapters, merges, exports, evals and
+schedules; :func:`load_pipeline` validates all of it before anything runs.
+
+Validation is in two layers, and every message starts with the YAML path it is about
+(``merges.math_code.models[1].model: no base model, adapter, fine-tune or merge named 'cod' (did you mean 'code'?)``):
+
+1. structure (pydantic, strict): unknown keys (with the closest valid spelling), wrong types, out-of-range numbers,
+   a node with zero or two sources, ...;
+2. meaning: names that point nowhere (with did-you-mean), cycles, merge methods that do not exist, parameters a method
+   does not take, wrong arity, merges of models with different architectures or hidden sizes (when knowable without a
+   download: toy specs, local ``config.json``, the local Hugging Face cache or an explicit ``architecture:``), adapters
+   or fine-tunes applied to a base other than the merge's base, unknown export quant types, bad crons, ...
+
+All errors are collected and raised together as :class:`PipelineSpecError`. This module never imports Dagster (the
+``mergeline validate`` command uses it alone); it imports the merge engine's method registry for method checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from merge_ops.config import DTYPE_ALIASES, ModelEntry, ParamValue, SliceSpec
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+TAG_KEY_RE = re.compile(r"^([A-Za-z0-9_.\-]{1,63}/)?[A-Za-z0-9_.\-]{1,63}$")
+TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9_.\-]{0,63}$")
+OWNER_RE = re.compile(r"^(team:[A-Za-z0-9_.\-]+|[^@\s]+@[^@\s]+\.[^@\s]+)$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+#: section name -> what a node of it is called in messages
+SECTIONS = {
+    "base_models": "base model",
+    "datasets": "dataset",
+    "finetunes": "fine-tune",
+    "adapters": "adapter",
+    "merges": "merge",
+    "exports": "export",
+    "evals": "eval",
+    "schedules": "schedule",
+}
+#: sections whose nodes are models that merges, fine-tunes, exports and evals may name (one shared namespace)
+MODEL_SECTIONS = ("base_models", "adapters", "finetunes", "merges")
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+               "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+BNB_QUANTS = ("nf4", "fp4", "int8")
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PipelineSpecError(ValueError):
+    """The pipeline file is invalid. ``errors`` holds one message per problem, each starting with its YAML path."""
+
+    def __init__(self, errors: list[str], source: str = "<pipeline>"):
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(f"{source}: {len(self.errors)} error(s) in the pipeline:\n  " + "\n  ".join(self.errors))
+
+
+# -- structure -----------------------------------------------------------------------------------------------------
+
+
+def _coerce_str(v: Any) -> Any:
+    """YAML (and Dagster's Jinja templating) turn ``2`` / ``"2"`` into an int; code versions and revisions must stay
+    strings."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)):
+        return str(v)
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _Node(_Strict):
+    """Fields every node accepts."""
+
+    description: str | None = None
+    owners: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    code_version: str | None = None
+
+    @field_validator("code_version", mode="before")
+    @classmethod
+    def _cv(cls, v):
+        return _coerce_str(v)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values(cls, v):
+        if isinstance(v, dict):
+            return {k: _coerce_str(x) for k, x in v.items()}
+        return v
+
+
+class ToyModelSpec(_Strict):
+    """A small randomly initialised Llama plus a BPE tokenizer, built locally (no download)."""
+
+    seed: int = 0
+    num_layers: int = Field(2, ge=1, le=64)
+    hidden: int = Field(64, ge=8, le=4096)
+    vocab: int = Field(256, ge=128, le=65536)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tie: bool = False
+
+    @field_validator("hidden")
+    @classmethod
+    def _heads(cls, v):
+        if v % 4:
+            raise ValueError("hidden must be a multiple of 4 (the toy model has 4 attention heads)")
+        return v
+
+
+class BaseModelSpec(_Node):
+    """Exactly one of ``toy``, ``path`` (a local model directory) or ``hub`` (a repo id, with ``revision``)."""
+
+    toy: ToyModelSpec | None = None
+    path: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+    allow_patterns: list[str] | None = None
+    architecture: str | None = Field(None, description="declared architecture, e.g. LlamaForCausalLM (hub models)")
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _rev(cls, v):
+        return _coerce_str(v)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("toy", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'toy', 'path' or 'hub'" + (f" (got {', '.join(given)})" if given else ""))
+        if self.hub is None and self.revision is not None:
+            raise ValueError("'revision' only applies to 'hub' models")
+        return self
+
+
+class GeneratedDatasetSpec(_Strict):
+    """A deterministic toy skill dataset (prompt/completion pairs)."""
+
+    kind: Literal["arithmetic", "reverse", "uppercase"]
+    n: int = Field(300, ge=1, le=1_000_000)
+    seed: int = 0
+
+
+class DatasetSpec(_Node):
+    """Exactly one of ``path`` (jsonl/json/parquet files, relative to the pipeline file), ``hub`` (a dataset repo
+    id with ``revision``), ``generated`` or ``inline`` (a list of records)."""
+
+    path: Union[str, list[str], None] = None
+    hub: str | None = None
+    revision: str | None = None
+    files: list[str] | None = Field(None, description="glob patterns of the files to use from a Hub dataset")
+    generated: GeneratedDatasetSpec | None = None
+    inline: list[dict[str, Any]] | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _rev(cls, v):
+        return _coerce_str(v)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("path", "hub", "generated", "inline") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'hub', 'generated' or 'inline'"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.hub is None and (self.revision is not None or self.files is not None):
+            raise ValueError("'revision' and 'files' only apply to 'hub' datasets")
+        if self.inline is not None and not self.inline:
+            raise ValueError("'inline' is empty")
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("give both 'prompt_field' and 'completion_field', or neither")
+        if self.text_field and self.prompt_field:
+            raise ValueError("give 'text_field' or 'prompt_field'/'completion_field', not both")
+        return self
+
+    @property
+    def paths(self) -> list[str]:
+        if self.path is None:
+            return []
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class FinetuneSpec(_Node):
+    """A LoRA fine-tune of ``base`` (a base model or a merge) on one or more datasets. Unset hyper-parameters take
+    the trainer resource's defaults."""
+
+    base: str
+    dataset: Union[str, list[str]]
+    r: int | None = Field(None, ge=1, le=1024)
+    alpha: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None
+    use_rslora: bool | None = None
+    use_dora: bool | None = None
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    batch_size: int | None = Field(None, ge=1)
+    max_seq_len: int | None = Field(None, ge=8)
+    seed: int | None = None
+    backend: Literal["auto", "unsloth", "peft"] | None = None
+    load_in_4bit: bool | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if v is not None and not v:
+            raise ValueError("target_modules is empty")
+        return v
+
+    @property
+    def datasets(self) -> list[str]:
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+
+    def train_overrides(self) -> dict[str, Any]:
+        """The hyper-parameters set in the YAML (``LoraTrainConfig`` field names)."""
+        keys = ("r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora", "epochs", "max_steps",
+                "learning_rate", "batch_size", "max_seq_len", "seed", "backend", "load_in_4bit")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class AdapterSpec(_Node):
+    """A LoRA adapter produced elsewhere: a local PEFT adapter directory or a Hub repo at a pinned revision. ``base``
+    names the base model (or merge) it was trained on."""
+
+    base: str
+    path: str | None = None
+    hub: str | None = None
+    revision: str | None = None
+
+    @field_validator("revision", mode="before")
+    @classmethod
+    def _rev(cls, v):
+        return _coerce_str(v)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        if self.hub is None and self.revision is not None:
+            raise ValueError("'revision' only applies to 'hub' adapters")
+        return self
+
+
+class MergeSpec(_Node):
+    """A merge in MergeKit vocabulary. Model references are node names: a base model, a merge, a fine-tune or an
+    adapter (applied to the base it was trained on), or ``model+adapter`` to apply an adapter/fine-tune's LoRA to
+    another model explicitly."""
+
+    method: str = Field(validation_alias=AliasChoices("method", "merge_method"))
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[SliceSpec] | None = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    seed: int = 0
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v is None:
+            return v
+        key = str(v).lower().replace("torch.", "")
+        if key not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16, float64")
+        return DTYPE_ALIASES[key]
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        return self
+
+    def references(self) -> list[tuple[str, str]]:
+        """(YAML path relative to the merge, reference) for every model reference, in order."""
+        out: list[tuple[str, str]] = []
+        if self.base_model:
+            out.append(("base_model", self.base_model))
+        for i, m in enumerate(self.models or []):
+            out.append((f"models[{i}].model", m.model))
+        for k, s in enumerate(self.slices or []):
+            if s.base_model:
+                out.append((f"slices[{k}].base_model", s.base_model))
+            for j, src in enumerate(s.sources):
+                out.append((f"slices[{k}].sources[{j}].model", src.model))
+        return out
+
+
+class ExportSpec(_Node):
+    """Accepted and validated now; the export assets come with the export/eval issue."""
+
+    model: str
+    type: Literal["gguf", "bnb", "safetensors"]
+    quant: str | None = None
+    push_to_hub: str | None = None
+
+    @field_validator("quant")
+    @classmethod
+    def _quant(cls, v, info: ValidationInfo):
+        typ = info.data.get("type")
+        if v is None or typ is None:
+            return v
+        allowed = {"gguf": GGUF_QUANTS, "bnb": BNB_QUANTS, "safetensors": ("float32", "float16", "bfloat16")}[typ]
+        if v.lower() not in allowed:
+            hint = difflib.get_close_matches(v.lower(), allowed, n=1)
+            raise ValueError(f"unknown {typ} quant type '{v}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                             + f"; one of {', '.join(allowed)}")
+        return v.lower()
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo(cls, v):
+        if v is not None and not HUB_ID_RE.match(v):
+            raise ValueError(f"'{v}' is not a Hub repo id (owner/name)")
+        return v
+
+    @model_validator(mode="after")
+    def _default_quant(self):
+        if self.quant is None:
+            self.quant = {"gguf": "q8_0", "bnb": "nf4", "safetensors": "bfloat16"}[self.type]
+        return self
+
+
+class EvalTaskSpec(_Strict):
+    name: str
+    path: str | None = Field(None, description="a local lm-eval task YAML or a jsonl file")
+    metric: str | None = None
+    threshold: float | None = None
+
+
+class EvalSpec(_Node):
+    """Accepted and validated now; the eval assets come with the export/eval issue."""
+
+    model: str
+    tasks: list[Union[str, EvalTaskSpec]]
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    compare_to: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v):
+        if not v:
+            raise ValueError("'tasks' is empty")
+        names = [t if isinstance(t, str) else t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError("task names must be unique")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v, info: ValidationInfo):
+        tasks = info.data.get("tasks")
+        if tasks is None:
+            return v
+        names = [t if isinstance(t, str) else t.name for t in tasks]
+        for k in v:
+            if k not in names:
+                hint = difflib.get_close_matches(k, names, n=1)
+                raise ValueError(f"'{k}' is not one of the tasks" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                                 + f"; tasks: {', '.join(names)}")
+        return v
+
+    def task_names(self) -> list[str]:
+        return [t if isinstance(t, str) else t.name for t in self.tasks]
+
+
+class ScheduleSpec(_Strict):
+    cron: str
+    target: Union[str, list[str]] = "*"
+    upstream: bool = True
+    timezone: str = "UTC"
+    tags: dict[str, str] = Field(default_factory=dict)
+    description: str | None = None
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values(cls, v):
+        if isinstance(v, dict):
+            return {k: _coerce_str(x) for k, x in v.items()}
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v):
+        msg = check_cron(v)
+        if msg:
+            raise ValueError(msg)
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v):
+        from zoneinfo import ZoneInfo
+
+        try:
+            ZoneInfo(v)
+        except Exception:
+            raise ValueError(f"unknown timezone '{v}' (use an IANA name such as UTC or Europe/Berlin)") from None
+        return v
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+
+class PipelineSpec(_Strict):
+    name: str
+    description: str | None = None
+    owners: list[str] = Field(default_factory=list)
+    tags: dict[str, str] = Field(default_factory=dict)
+    code_version: str | None = None
+    base_models: dict[str, BaseModelSpec] = Field(default_factory=dict)
+    datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
+    finetunes: dict[str, FinetuneSpec] = Field(default_factory=dict)
+    adapters: dict[str, AdapterSpec] = Field(default_factory=dict)
+    merges: dict[str, MergeSpec] = Field(default_factory=dict)
+    exports: dict[str, ExportSpec] = Field(default_factory=dict)
+    evals: dict[str, EvalSpec] = Field(default_factory=dict)
+    schedules: dict[str, ScheduleSpec] = Field(default_factory=dict)
+
+    _source: str = PrivateAttr("<pipeline>")
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("code_version", mode="before")
+    @classmethod
+    def _cv(cls, v):
+        return _coerce_str(v)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _tag_values(cls, v):
+        if isinstance(v, dict):
+            return {k: _coerce_str(x) for k, x in v.items()}
+        return v
+
+    @field_validator("base_models", "datasets", "finetunes", "adapters", "merges", "exports", "evals", "schedules",
+                     mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        return {} if v is None else v
+
+    # -- accessors ---------------------------------------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._warnings)
+
+    def resolve_path(self, p: str) -> Path:
+        """A path from the YAML: ``~`` and ``$VARS`` expanded, relative paths taken from the pipeline file's folder."""
+        q = Path(os.path.expandvars(os.path.expanduser(p)))
+        return q if q.is_absolute() else (self._base_dir / q)
+
+    def section_of(self, name: str) -> str | None:
+        for sec in MODEL_SECTIONS:
+            if name in getattr(self, sec):
+                return sec
+        return None
+
+    def node(self, section: str, name: str) -> Any:
+        return getattr(self, section)[name]
+
+    def fingerprint(self) -> str:
+        """sha256 of the validated spec (what a code location serves)."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+    def summary(self) -> str:
+        parts = []
+        for sec, label in SECTIONS.items():
+            n = len(getattr(self, sec))
+            if n:
+                parts.append(f"{n} {label}" + ("" if n == 1 else "s"))
+        return f"pipeline '{self.name}': " + (", ".join(parts) if parts else "empty")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+_CRON_ALIASES = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_FIELD = re.compile(r"^(\*|\?|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
+
+
+def check_cron(v: str) -> str | None:
+    v = v.strip()
+    if v in _CRON_ALIASES:
+        return None
+    fields = v.split()
+    if len(fields) != 5:
+        return f"cron '{v}' must have 5 fields (minute hour day-of-month month day-of-week) or be one of " \
+               f"{', '.join(sorted(_CRON_ALIASES))}"
+    ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+    names = ["minute", "hour", "day-of-month", "month", "day-of-week"]
+    for f, (lo, hi), n in zip(fields, ranges, names):
+        if not _CRON_FIELD.match(f):
+            return f"cron '{v}': bad {n} field '{f}'"
+        for num in re.findall(r"(?<![/0-9])([0-9]+)", f):
+            if not lo <= int(num) <= hi:
+                return f"cron '{v}': {n} value {num} is out of range {lo}-{hi}"
+    return None
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    hint = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        s = str(part)
+        # pydantic adds union-branch / validator labels to locations; they are not YAML keys
+        if "[" in s or "(" in s or s in ("str", "int", "float", "bool", "list", "dict", "ToyModelSpec",
+                                         "GeneratedDatasetSpec", "EvalTaskSpec", "FilteredValue"):
+            continue
+        out += ("." if out else "") + s
+    return out or "<top level>"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys valid at the mapping that holds ``loc[-1]``."""
+    model: Any = PipelineSpec
+    parts = list(loc[:-1])
+    i = 0
+    section_models = {"base_models": BaseModelSpec, "datasets": DatasetSpec, "finetunes": FinetuneSpec,
+                      "adapters": AdapterSpec, "merges": MergeSpec, "exports": ExportSpec, "evals": EvalSpec,
+                      "schedules": ScheduleSpec}
+    nested = {"toy": ToyModelSpec, "generated": GeneratedDatasetSpec, "models": ModelEntry, "slices": SliceSpec,
+              "tasks": EvalTaskSpec}
+    from merge_ops.config import SliceSource
+
+    nested_in_slice = {"sources": SliceSource}
+    while i < len(parts):
+        p = parts[i]
+        if isinstance(p, int):
+            i += 1
+            continue
+        if model is PipelineSpec and p in section_models:
+            model = section_models[p]
+            i += 2  # skip the node name
+            continue
+        if p == "parameters" or p == "tags" or p == "inline":
+            return []
+        nxt = nested.get(p) or (nested_in_slice.get(p) if model is SliceSpec else None)
+        if nxt is None:
+            return []
+        model = nxt
+        i += 1
+    names = []
+    for fname, f in model.model_fields.items():
+        alias = f.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.extend(str(c) for c in alias.choices)
+        else:
+            names.append(fname)
+    return names
+
+
+def _structure_errors(e: ValidationError) -> list[str]:
+    msgs: list[str] = []
+    for err in e.errors():
+        loc = _fmt_loc(err["loc"])
+        if err["type"] == "extra_forbidden":
+            key = str(err["loc"][-1])
+            allowed = _allowed_keys(err["loc"])
+            msgs.append(f"{loc}: unknown key '{key}'" + _did_you_mean(key, allowed)
+                        + (f"; allowed here: {', '.join(allowed)}" if allowed else ""))
+        elif err["type"] == "missing":
+            msgs.append(f"{loc}: required key is missing")
+        else:
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            msgs.append(f"{loc}: {msg}")
+    return list(dict.fromkeys(msgs))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineSpecError(["file does not exist"], str(path))
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise PipelineSpecError([f"not valid YAML: {e}"], str(path)) from None
+
+
+# -- entry points ----------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: str | Path) -> PipelineSpec:
+    """Read and validate a pipeline YAML file; relative paths in it are taken from the file's folder."""
+    path = Path(path)
+    data = read_yaml(path)
+    return parse_pipeline(data, source=str(path), base_dir=path.absolute().parent)
+
+
+def parse_pipeline(data: Any, source: str = "<pipeline>", base_dir: str | Path | None = None,
+                   *, check_files: bool = True) -> PipelineSpec:
+    """Validate a pipeline mapping. Raises :class:`PipelineSpecError` listing every problem found."""
+    if not isinstance(data, dict):
+        raise PipelineSpecError([f"<top level>: a pipeline must be a YAML mapping, got {type(data).__name__}"], source)
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as e:
+        raise PipelineSpecError(_structure_errors(e), source) from None
+    spec._source = source
+    spec._base_dir = Path(base_dir).absolute() if base_dir is not None else Path.cwd()
+    errors, warnings = _Checker(spec, check_files=check_files).run()
+    spec._warnings = warnings
+    if errors:
+        raise PipelineSpecError(errors, source)
+    return spec
+
+
+def as_spec(spec_or_path: "PipelineSpec | str | Path | dict") -> PipelineSpec:
+    if isinstance(spec_or_path, PipelineSpec):
+        return spec_or_path
+    if isinstance(spec_or_path, dict):
+        return parse_pipeline(spec_or_path)
+    return load_pipeline(spec_or_path)
+
+
+# -- meaning ---------------------------------------------------------------------------------------------------------
+
+
+class ModelInfo:
+    """What validation can know about a model node without downloading anything."""
+
+    def __init__(self, architecture: str | None = None, hidden: int | None = None, root: str | None = None,
+                 adapter_of: str | None = None):
+        self.architecture = architecture
+        self.hidden = hidden
+        self.root = root  # the full model (base model or merge) this node's weights start from
+        self.adapter_of = adapter_of  # for adapters and fine-tunes: the model their LoRA was trained on
+
+
+class _Checker:
+    def __init__(self, spec: PipelineSpec, check_files: bool = True):
+        self.s = spec
+        self.check_files = check_files
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self._info: dict[str, ModelInfo] = {}
+
+    def err(self, msg: str) -> None:
+        self.errors.append(msg)
+
+    def run(self) -> tuple[list[str], list[str]]:
+        s = self.s
+        self._names()
+        self._metadata()
+        self._sources()
+        self._references()
+        self._cycles()
+        for name in s.merges:
+            self._merge(name)
+        self._schedules()
+        return self.errors, self.warnings
+
+    # names, owners, tags ------------------------------------------------------------------------------------------
+    def _names(self) -> None:
+        s = self.s
+        if not NAME_RE.match(s.name):
+            self.err(f"name: '{s.name}' must be letters, digits and underscores (it becomes the Dagster group name)")
+        seen: dict[str, str] = {}
+        for sec in SECTIONS:
+            for name in getattr(s, sec):
+                if not NAME_RE.match(name):
+                    self.err(f"{sec}.{name}: node names must be letters, digits and underscores, not starting with a "
+                             f"digit (they become asset keys and op names)")
+                if sec in MODEL_SECTIONS:
+                    if name in seen:
+                        self.err(f"{sec}.{name}: the name is also used in {seen[name]}.{name}; base models, adapters, "
+                                 f"fine-tunes and merges share one namespace")
+                    seen[name] = sec
+
+    def _owners_tags(self, where: str, owners: list[str], tags: dict[str, str]) -> None:
+        for i, o in enumerate(owners):
+            if not OWNER_RE.match(o):
+                self.err(f"{where}owners[{i}]: '{o}' must be an email address or 'team:NAME'")
+        for k, v in tags.items():
+            if not TAG_KEY_RE.match(k) or k.startswith("dagster/"):
+                self.err(f"{where}tags.{k}: tag keys are up to 63 letters, digits, '_', '-', '.' (optionally with one "
+                         f"'prefix/'), not under 'dagster/'")
+            if not TAG_VALUE_RE.match(str(v)):
+                self.err(f"{where}tags.{k}: tag values are up to 63 letters, digits, '_', '-', '.', got {v!r}")
+
+    def _metadata(self) -> None:
+        s = self.s
+        self._owners_tags("", s.owners, s.tags)
+        for sec in SECTIONS:
+            for name, node in getattr(s, sec).items():
+                if isinstance(node, _Node):
+                    self._owners_tags(f"{sec}.{name}.", node.owners, node.tags)
+                elif isinstance(node, ScheduleSpec):
+                    self._owners_tags(f"{sec}.{name}.", [], node.tags)
+
+    # sources (files, hub ids) --------------------------------------------------------------------------------------
+    def _hub_id(self, where: str, repo: str, revision: str | None) -> None:
+        if not HUB_ID_RE.match(repo):
+            self.err(f"{where}.hub: '{repo}' is not a Hub repo id (owner/name)")
+        if revision is None:
+            self.err(f"{where}.revision: pin a revision for '{repo}' (a commit sha; a branch or tag is accepted with a "
+                     f"warning) so that runs are reproducible")
+        elif not COMMIT_RE.match(revision):
+            self.warnings.append(f"{where}.revision: '{revision}' is not a commit sha; the content behind it can "
+                                 f"change between runs")
+
+    def _sources(self) -> None:
+        s = self.s
+        for name, b in s.base_models.items():
+            where = f"base_models.{name}"
+            if b.hub is not None:
+                self._hub_id(where, b.hub, b.revision)
+            if b.path is not None and self.check_files:
+                p = s.resolve_path(b.path)
+                if not p.is_dir():
+                    self.err(f"{where}.path: model directory '{p}' does not exist")
+                elif not (p / "config.json").is_file():
+                    self.err(f"{where}.path: '{p}' has no config.json (expected a Hugging Face model directory)")
+        for name, a in s.adapters.items():
+            where = f"adapters.{name}"
+            if a.hub is not None:
+                self._hub_id(where, a.hub, a.revision)
+            if a.path is not None and self.check_files:
+                p = s.resolve_path(a.path)
+                if not (p / "adapter_config.json").is_file():
+                    self.err(f"{where}.path: '{p}' is not a PEFT adapter directory (no adapter_config.json)")
+        for name, d in s.datasets.items():
+            where = f"datasets.{name}"
+            if d.hub is not None:
+                self._hub_id(where, d.hub, d.revision)
+            for i, p in enumerate(d.paths):
+                suffix = "" if isinstance(d.path, str) else f"[{i}]"
+                rp = s.resolve_path(p)
+                if rp.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+                    self.err(f"{where}.path{suffix}: '{p}' must be a .jsonl, .json or .parquet file")
+                elif self.check_files and not rp.is_file():
+                    self.err(f"{where}.path{suffix}: file '{rp}' does not exist")
+            if d.inline is not None:
+                for i, rec in enumerate(d.inline):
+                    if not (isinstance(rec.get("text"), str) or (isinstance(rec.get("prompt"), str)
+                                                                 and isinstance(rec.get("completion"), str))):
+                        self.err(f"{where}.inline[{i}]: each record needs 'text', or 'prompt' and 'completion' "
+                                 f"(strings)")
+                        break
+
+    # references ---------------------------------------------------------------------------------------------------
+    def _model_names(self, sections: tuple[str, ...]) -> list[str]:
+        return [n for sec in sections for n in getattr(self.s, sec)]
+
+    def _expect(self, where: str, name: str, sections: tuple[str, ...]) -> bool:
+        if any(name in getattr(self.s, sec) for sec in sections):
+            return True
+        what = " or ".join(", ".join(SECTIONS[x] for x in sections).rsplit(", ", 1))
+        other = self.s.section_of(name)
+        if other is not None:
+            self.err(f"{where}: '{name}' is a {SECTIONS[other]}, but this needs a {what}")
+        elif name in self.s.datasets and "datasets" not in sections:
+            self.err(f"{where}: '{name}' is a dataset, but this needs a {what}")
+        else:
+            self.err(f"{where}: no {what} named '{name}'" + _did_you_mean(name, self._model_names(sections)
+                                                                            if "datasets" not in sections
+                                                                            else list(self.s.datasets)))
+        return False
+
+    def _merge_ref(self, where: str, ref: str) -> bool:
+        """A merge input: NAME, or MODEL+ADAPTER where ADAPTER is an adapter or fine-tune."""
+        if "+" in ref:
+            model, _, adapter = ref.partition("+")
+            ok = self._expect(f"{where} (before '+')", model, ("base_models", "merges"))
+            ok = self._expect(f"{where} (after '+')", adapter, ("adapters", "finetunes")) and ok
+            return ok
+        return self._expect(where, ref, MODEL_SECTIONS)
+
+    def _references(self) -> None:
+        s = self.s
+        for name, f in s.finetunes.items():
+            self._expect(f"finetunes.{name}.base", f.base, ("base_models", "merges"))
+            for i, d in enumerate(f.datasets):
+                where = f"finetunes.{name}.dataset" + ("" if isinstance(f.dataset, str) else f"[{i}]")
+                if d not in s.datasets:
+                    other = s.section_of(d)
+                    self.err(f"{where}: " + (f"'{d}' is a {SECTIONS[other]}, not a dataset" if other else
+                                             f"no dataset named '{d}'" + _did_you_mean(d, list(s.datasets))))
+        for name, a in s.adapters.items():
+            self._expect(f"adapters.{name}.base", a.base, ("base_models", "merges"))
+        for name, m in s.merges.items():
+            for path, ref in m.references():
+                self._merge_ref(f"merges.{name}.{path}", ref)
+            ts = m.tokenizer_source
+            if ts is not None and ts not in ("base", "union") and s.section_of(ts) is None:
+                self.err(f"merges.{name}.tokenizer_source: no model named '{ts}' (use 'base' or a model name)"
+                         + _did_you_mean(ts, self._model_names(MODEL_SECTIONS)))
+        for name, x in s.exports.items():
+            self._expect(f"exports.{name}.model", x.model, ("base_models", "finetunes", "merges"))
+        for name, e in s.evals.items():
+            self._expect(f"evals.{name}.model", e.model, ("base_models", "finetunes", "merges"))
+            for i, c in enumerate(e.compare_to):
+                self._expect(f"evals.{name}.compare_to[{i}]", c, ("base_models", "finetunes", "merges"))
+            for i, t in enumerate(e.tasks):
+                if isinstance(t, EvalTaskSpec) and t.path is not None and self.check_files:
+                    p = s.resolve_path(t.path)
+                    if not p.exists():
+                        self.err(f"evals.{name}.tasks[{i}].path: '{p}' does not exist")
+
+    def deps(self, name: str) -> list[tuple[str, str]]:
+        """(YAML path, model name) of the model nodes a model node is built from."""
+        s = self.s
+        sec = s.section_of(name)
+        if sec == "finetunes":
+            return [(f"finetunes.{name}.base", s.finetunes[name].base)]
+        if sec == "adapters":
+            return [(f"adapters.{name}.base", s.adapters[name].base)]
+        if sec == "merges":
+            out = []
+            for path, ref in s.merges[name].references():
+                for part in ref.split("+"):
+                    out.append((f"merges.{name}.{path}", part))
+            return out
+        return []
+
+    def _cycles(self) -> None:
+        state: dict[str, int] = {}
+        reported: set[frozenset] = set()
+
+        def visit(n: str, stack: list[tuple[str, str]]) -> None:
+            state[n] = 1
+            for where, d in self.deps(n):
+                if state.get(d) == 1:
+                    names = [x for _, x in stack] + [n]
+                    cyc = names[names.index(d):] + [d]
+                    key = frozenset(cyc)
+                    if key not in reported:
+                        reported.add(key)
+                        self.err(f"{where}: cycle: {' -> '.join(cyc)}")
+                elif state.get(d) is None and self.s.section_of(d):
+                    visit(d, stack + [(where, n)])
+            state[n] = 2
+
+        for sec in MODEL_SECTIONS:
+            for n in getattr(self.s, sec):
+                if state.get(n) is None:
+                    visit(n, [])
+
+    # model knowledge -----------------------------------------------------------------------------------------------
+    def info(self, name: str) -> ModelInfo:
+        if name in self._info:
+            return self._info[name]
+        self._info[name] = ModelInfo()  # guards recursion (cycles are rejected before this runs)
+        s = self.s
+        if "+" in name:
+            model, _, adapter = name.partition("+")
+            mi = self.info(model)
+            info = ModelInfo(mi.architecture, mi.hidden, mi.root)
+        elif name in s.base_models:
+            b = s.base_models[name]
+            arch, hidden = b.architecture, None
+            if b.toy is not None:
+                arch, hidden = "LlamaForCausalLM", b.toy.hidden
+            elif b.path is not None:
+                arch, hidden = _config_facts(s.resolve_path(b.path) / "config.json", arch)
+            elif b.hub is not None:
+                cfg = _cached_hub_config(b.hub, b.revision)
+                if cfg is not None:
+                    arch, hidden = _config_facts(cfg, arch)
+            info = ModelInfo(arch, hidden, name)
+        elif name in s.finetunes or name in s.adapters:
+            base = (s.finetunes.get(name) or s.adapters.get(name)).base
+            bi = self.info(base)
+            info = ModelInfo(bi.architecture, bi.hidden, base, adapter_of=base)
+        elif name in s.merges:
+            m = s.merges[name]
+            first = next((self.info(r) for _, r in m.references() if self.info(r).architecture), None)
+            info = ModelInfo(first.architecture if first else None, first.hidden if first else None, name)
+        else:
+            info = ModelInfo()
+        self._info[name] = info
+        return info
+
+    def _merge(self, name: str) -> None:
+        from merge_ops.errors import ConfigError
+        from merge_ops.methods import get_method
+        from merge_ops.params import check_settings
+
+        s = self.s
+        m = s.merges[name]
+        where = f"merges.{name}"
+        try:
+            method = get_method(m.method)
+        except ConfigError as e:
+            self.err(f"{where}.method: {str(e).split(': ', 1)[1]}")
+            return
+        try:
+            check_settings(method, m.parameters, f"{where}.parameters", "global")
+            for i, e in enumerate(m.models or []):
+                check_settings(method, e.parameters, f"{where}.models[{i}].parameters", "model")
+            for k, sl in enumerate(m.slices or []):
+                check_settings(method, sl.parameters, f"{where}.slices[{k}].parameters", "slice")
+                for j, src in enumerate(sl.sources):
+                    check_settings(method, src.parameters, f"{where}.slices[{k}].sources[{j}].parameters", "model")
+        except ConfigError as e:
+            self.err(str(e))
+        for p in method.params:
+            if p.required and p.scope == "global" and p.name not in m.parameters and not (
+                    m.slices and all(p.name in sl.parameters for sl in m.slices)):
+                self.err(f"{where}.parameters.{p.name}: required by merge_method '{method.name}' but not set")
+            if p.required and p.scope == "model":
+                entries = [(f"models[{i}]", e.parameters) for i, e in enumerate(m.models or [])
+                           if not (method.base != "none" and e.model == m.base_model)]
+                for k, sl in enumerate(m.slices or []):
+                    entries += [(f"slices[{k}].sources[{j}]", {**sl.parameters, **src.parameters})
+                                for j, src in enumerate(sl.sources)
+                                if not (method.base != "none" and src.model == (sl.base_model or m.base_model))]
+                for loc, params in entries:
+                    if p.name not in params and p.name not in m.parameters:
+                        self.err(f"{where}.{loc}.parameters: parameter '{p.name}' is required by merge_method "
+                                 f"'{method.name}' (set it here or under {where}.parameters)")
+        # arity, as the engine counts it
+        if m.models is not None:
+            has_base = bool(m.base_model) and method.base != "none"
+            nb = [e for e in m.models if not (has_base and e.model == m.base_model)]
+            msg = method.check_arity(len(nb), has_base)
+            if msg:
+                self.err(f"{where}.models: {msg}")
+        for k, sl in enumerate(m.slices or []):
+            base_ref = sl.base_model or m.base_model
+            has_base = bool(base_ref) and method.base != "none"
+            nb = [x for x in sl.sources if not (has_base and x.model == base_ref)]
+            msg = method.check_arity(len(nb), has_base)
+            if msg:
+                self.err(f"{where}.slices[{k}].sources: {msg}")
+        if method.base == "none" and m.base_model:
+            self.warnings.append(f"{where}.base_model: merge_method '{method.name}' does not use a base model; it only "
+                                 f"donates config and tokenizer")
+
+        # architectures and hidden sizes
+        refs = m.references()
+        known = [(path, ref, self.info(ref)) for path, ref in refs]
+        anchor = next(((p, r, i) for p, r, i in known if i.architecture), None)
+        if anchor is not None:
+            for path, ref, i in known:
+                if i.architecture and i.architecture != anchor[2].architecture:
+                    self.err(f"{where}.{path}: '{ref}' is a {i.architecture} but '{anchor[1]}' ({anchor[0]}) is a "
+                             f"{anchor[2].architecture}; only models of one architecture can be merged")
+        if m.slices is None:
+            anchor = next(((p, r, i) for p, r, i in known if i.hidden), None)
+            if anchor is not None:
+                for path, ref, i in known:
+                    if i.hidden and i.hidden != anchor[2].hidden:
+                        self.err(f"{where}.{path}: '{ref}' has hidden size {i.hidden} but '{anchor[1]}' ({anchor[0]}) "
+                                 f"has {anchor[2].hidden}; their tensors cannot be merged")
+
+        # adapters / fine-tunes must sit on the merge's base
+        if m.base_model and method.base != "none":
+            bi = self.info(m.base_model)
+            target = bi.adapter_of or bi.root or m.base_model
+            for path, ref in refs:
+                if "+" in ref or ref == m.base_model:
+                    continue
+                sec = s.section_of(ref)
+                if sec in ("adapters", "finetunes"):
+                    own = (s.adapters.get(ref) or s.finetunes.get(ref)).base
+                    if own != target:
+                        kind = SECTIONS[sec]
+                        self.err(f"{where}.{path}: {kind} '{ref}' was trained on '{own}' but this merge's base is "
+                                 f"'{target}'; merge it onto '{own}', or write '{target}+{ref}' to apply its LoRA to "
+                                 f"'{target}' on purpose")
+
+    def _schedules(self) -> None:
+        s = self.s
+        all_nodes = {f"{sec}.{n}": (sec, n) for sec in SECTIONS if sec not in ("schedules", "exports", "evals")
+                     for n in getattr(s, sec)}
+        for name, sc in s.schedules.items():
+            for i, t in enumerate(sc.targets):
+                where = f"schedules.{name}.target" + ("" if isinstance(sc.target, str) else f"[{i}]")
+                if t == "*":
+                    continue
+                if t in all_nodes:
+                    continue
+                if "." not in t and s.section_of(t) and t in s.datasets:
+                    self.err(f"{where}: '{t}' names both a dataset and a {SECTIONS[s.section_of(t)]}; write "
+                             f"'datasets.{t}' or '{s.section_of(t)}.{t}'")
+                    continue
+                if "." not in t and (s.section_of(t) or t in s.datasets):
+                    continue
+                if t in s.exports or t in s.evals or t.split(".", 1)[0] in ("exports", "evals"):
+                    self.err(f"{where}: '{t}' is an export/eval; those have no assets yet (coming with the "
+                             f"export/eval issue) and cannot be scheduled")
+                    continue
+                self.err(f"{where}: no node named '{t}' (use NAME, SECTION.NAME or '*')"
+                         + _did_you_mean(t, list(all_nodes) + self._model_names(MODEL_SECTIONS) + list(s.datasets)))
+
+
+def _config_facts(cfg: Path | dict, arch: str | None) -> tuple[str | None, int | None]:
+    try:
+        conf = cfg if isinstance(cfg, dict) else json.loads(Path(cfg).read_text())
+    except (OSError, ValueError):
+        return arch, None
+    archs = conf.get("architectures")
+    found = archs[0] if isinstance(archs, list) and archs else None
+    hidden = conf.get("hidden_size") or conf.get("n_embd") or conf.get("d_model")
+    return arch or found, hidden if isinstance(hidden, int) else None
+
+
+def _cached_hub_config(repo: str, revision: str | None) -> dict | None:
+    """config.json of a Hub model if it is in the local Hugging Face cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        p = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:
+        return None
+    if isinstance(p, (str, Path)) and Path(p).is_file():
+        try:
+            return json.loads(Path(p).read_text())
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def resolve_schedule_targets(spec: PipelineSpec, sc: ScheduleSpec) -> list[tuple[str, str]] | None:
+    """(section, name) of the nodes a schedule targets; None means the whole pipeline."""
+    if "*" in sc.targets:
+        return None
+    out = []
+    for t in sc.targets:
+        if "." in t:
+            sec, _, n = t.partition(".")
+            out.append((sec, n))
+        elif t in spec.datasets:
+            out.append(("datasets", t))
+        else:
+            out.append((spec.section_of(t), t))
+    return out
+
+
+def pipeline_outline(spec: PipelineSpec) -> list[str]:
+    """Human-readable lines: every node, what it is built from, and the asset keys it becomes."""
+    p = spec.name
+    out: list[str] = []
+    for name, b in spec.base_models.items():
+        src = f"toy Llama {b.toy.num_layers}x{b.toy.hidden}" if b.toy else (f"hub {b.hub}@{b.revision}" if b.hub
+                                                                            else f"local {b.path}")
+        out.append(f"base_model/{p}/{name}  <- {src}")
+    for name, d in spec.datasets.items():
+        src = (f"generated {d.generated.kind} x{d.generated.n}" if d.generated else
+               f"hub {d.hub}@{d.revision}" if d.hub else f"{len(d.inline)} inline records" if d.inline
+               else ", ".join(d.paths))
+        out.append(f"dataset/{p}/{name}  <- {src}")
+    for name, a in spec.adapters.items():
+        src = f"hub {a.hub}@{a.revision}" if a.hub else f"local {a.path}"
+        out.append(f"lora/{p}/{name}  <- {src} (for {a.base})")
+    for name, f in spec.finetunes.items():
+        out.append(f"finetune/{p}/{name} + lora/{p}/{name}  <- LoRA on {f.base} with {', '.join(f.datasets)}")
+    for name, m in spec.merges.items():
+        refs = list(dict.fromkeys(r for _, r in m.references()))
+        out.append(f"merged/{p}/{name}  <- {m.method}({', '.join(refs)})")
+    for name, x in spec.exports.items():
+        out.append(f"export {name}: {x.type} {x.quant} of {x.model} (validated; no asset yet)")
+    for name, e in spec.evals.items():
+        out.append(f"eval {name}: {', '.join(e.task_names())} on {e.model} (validated; no asset yet)")
+    for name, sc in spec.schedules.items():
+        out.append(f"schedule {name}: '{sc.cron}' ({sc.timezone}) -> {', '.join(sc.targets)}"
+                   + (" and upstream" if sc.upstream and "*" not in sc.targets else ""))
+    return out
