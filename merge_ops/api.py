@@ -47,6 +47,7 @@ class MergeOptions(BaseModel):
     cache_bytes: int = DEFAULT_CACHE_BYTES
     hash_inputs: bool = True
     copy_tokenizer: bool = True
+    fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -135,7 +136,8 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             progress(done[0], total)
 
     with atomic_output_dir(output_dir) as tmp:
-        Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick).run(tmp, shards)
+        Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
+                 fsync=options.fsync).run(tmp, shards)
         index = {"metadata": {"total_size": plan.total_bytes},
                  "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -20,7 +20,7 @@ import torch
 
 from .methods.base import Chunk
 from .plan import InputRef, MergePlan, OutputTensor
-from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter
+from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter, advise_willneed, map_rows
 
 DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 48 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
@@ -110,7 +110,9 @@ class _Writer:
 
 class Executor:
     def __init__(self, plan: MergePlan, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Callable[[int], None] | None = None):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Callable[[int], None] | None = None,
+                 fsync: bool = False):
+        self.fsync = fsync
         self.plan = plan
         self.device = plan.tensors[0].task.device if plan.tensors and plan.tensors[0].task else torch.device("cpu")
         for t in plan.tensors:
@@ -138,15 +140,14 @@ class Executor:
         if ot.copy_from is not None and srcs[ot.copy_from.source].unchanged(ot.copy_from.tensor) and \
                 srcs[ot.copy_from.source].info(ot.copy_from.tensor).dtype == ot.dtype:
             return None  # raw byte copy, done by the writer
+        if ot.task is not None and self._fused(ot) is not None:
+            # fused kernels read memory-mapped inputs: only ask the kernel to start reading them now
+            for r in refs:
+                advise_willneed(srcs[r.source].info(r.tensor))
+            return None
         total = sum(srcs[r.source].info(r.tensor).nbytes for r in refs)
         if total > self.cache_bytes:
             return None
-        if ot.task is not None and self._fused(ot) is not None:
-            # one (inputs × elements) buffer: the fused kernels take it as is, without stacking copies
-            stacked = torch.empty((len(refs), ot.task.numel), dtype=torch.int16)
-            for k, r in enumerate(refs):
-                srcs[r.source].read_raw_into(r.tensor, stacked[k])
-            return RawInputs([stacked[k].view(torch.bfloat16).reshape(ot.shape) for k in range(len(refs))], stacked)
         return RawInputs([srcs[r.source].read_raw(r.tensor) for r in refs])
 
     def _load(self, ot: OutputTensor, cached: list[torch.Tensor] | None, index: int, r0: int, r1: int,
@@ -234,40 +235,40 @@ class Executor:
         return self.plan.method.fused_cpu(task)
 
     def _tensor_fused(self, ot: OutputTensor, cached, fused, emit: Callable[[torch.Tensor], None]) -> None:
+        """Run a fused kernel straight on memory-mapped input rows (no read copy, no conversion buffers); each
+        row block is unmapped as soon as the kernel returns, so mapped pages never exceed ``cache_bytes``."""
         srcs = self.plan.sources
         refs = self._inputs(ot)
+        infos = [srcs[r.source].info(r.tensor) for r in refs]
         per_chunk = max(self.chunk_elements, self.cache_bytes // (2 * len(refs)))
-        ranges = [(0, ot.shape[0])] if cached is not None else chunk_ranges(ot.shape, per_chunk)
+        ranges = chunk_ranges(ot.shape, per_chunk)
+        has_base = ot.base is not None
 
-        row = max(1, ot.task.numel // max(1, ot.shape[0])) if ot.shape else 1
-        buf = None if cached is not None else torch.empty((len(refs), (ranges[0][1] - ranges[0][0]) * row),
-                                                          dtype=torch.int16)
+        def run(r0: int, r1: int, call) -> None:
+            arrays, mms = [], []
+            try:
+                for info in infos:
+                    a, mm = map_rows(info, r0, r1)
+                    arrays.append(a)
+                    mms.append(mm)
+                call(arrays[0] if has_base else None, tuple(arrays[1:] if has_base else arrays))
+            finally:
+                arrays.clear()  # the arrays export the mmaps' buffers: drop them before closing
+                for mm in mms:
+                    try:
+                        mm.close()
+                    except BufferError:  # still referenced (e.g. by a traceback): unmapped when collected
+                        pass
 
-        def raw(r0: int, r1: int):
-            if cached is not None:
-                arr = cached.stacked.numpy().view(np.uint16)
-            else:
-                n = (r1 - r0) * row
-                for k, r in enumerate(refs):
-                    srcs[r.source].read_raw_into(r.tensor, buf[k, :n], r0, r1)
-                arr = buf[:, :n].numpy().view(np.uint16)
-                if n != buf.shape[1]:
-                    arr = np.ascontiguousarray(arr)
-            if ot.base is not None:
-                return arr[0], arr[1:]
-            return None, arr
-
-        if fused.passes:
-            for p in range(fused.passes):
-                for r0, r1 in ranges:
-                    fused.accumulate(*raw(r0, r1), p)
-                fused.finish_pass(p)
+        for p in range(fused.passes):
+            for r0, r1 in ranges:
+                run(r0, r1, lambda b, m: fused.accumulate(b, m, p))
+            fused.finish_pass(p)
         bf16 = ot.dtype == "BF16"
+        row = ot.task.numel // max(1, ot.shape[0])
         for r0, r1 in ranges:
-            base, models = raw(r0, r1)
-            n = models.shape[1]
-            out = np.empty(n, dtype=np.uint16 if bf16 else np.float32)
-            fused.apply(base, models, out if bf16 else None, None if bf16 else out)
+            out = np.empty((r1 - r0) * row, dtype=np.uint16 if bf16 else np.float32)
+            run(r0, r1, lambda b, m: fused.apply(b, m, out if bf16 else None, None if bf16 else out))
             t = torch.from_numpy(out)
             t = t.view(torch.int16).view(torch.bfloat16) if bf16 else t
             emit(t.reshape((r1 - r0,) + tuple(ot.shape[1:])))
@@ -289,7 +290,7 @@ class Executor:
         try:
             for shard in shards:
                 planned = [PlannedTensor(t.name, t.dtype, t.shape) for t in shard.tensors]
-                sw = ShardStreamWriter(out_dir / shard.filename, planned, {"format": "pt"})
+                sw = ShardStreamWriter(out_dir / shard.filename, planned, {"format": "pt"}, fsync=self.fsync)
                 try:
                     for ot in shard.tensors:
                         cached = pending.get().result()

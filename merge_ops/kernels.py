@@ -6,6 +6,9 @@ once per pass, keep everything in registers and write bf16 directly, on all core
 exactly what the torch path computes (same operations, same order, same tie rule), and the torch path remains the
 reference used on CUDA, for other dtypes and when numba is not installed. Tests compare the two.
 
+Inputs: ``base`` is a 1-D uint16 array (bf16 bits) and ``models`` a tuple of such arrays — views of memory-mapped
+input files, so the kernels read the page cache directly (no copy).
+
 Blocks: each kernel splits the n elements of a chunk into ``nblocks`` contiguous ranges, ``block_start(b)`` =
 b·n // nblocks, processed in parallel. The TIES tie rule ("values equal to the threshold: lowest flat index first")
 is kept in parallel by counting equal values per block first and giving each block its share of the budget.
@@ -53,7 +56,7 @@ if HAVE_NUMBA:
     @njit(inline="always")
     def _deltas(base, models, s, L, bu, xu):
         """bu ← base bits; xu[i] ← bits of (model_i − base) as float32."""
-        m = models.shape[0]
+        m = len(models)
         _decode(base, s, L, bu)
         bf = bu.view(np.float32)
         for i in range(m):
@@ -67,7 +70,7 @@ if HAVE_NUMBA:
     def hist_level0(base, models, active, hist):
         """hist[b, i, top16(|m_i − base|)] += 1 for active models."""
         nb = hist.shape[0]
-        m = models.shape[0]
+        m = len(models)
         n = base.shape[0]
         for b in prange(nb):
             bs, be = _tile_range(b, nb, n)
@@ -86,7 +89,7 @@ if HAVE_NUMBA:
         """hist[b, s, low16(|d|)] += 1 where top16(|d|) == prefix[s], for selector s on model s % m
         (prefix < 0: selector inactive)."""
         nb = hist.shape[0]
-        m = models.shape[0]
+        m = len(models)
         ns = prefix.shape[0]
         n = base.shape[0]
         for b in prange(nb):
@@ -109,7 +112,7 @@ if HAVE_NUMBA:
     def count_equal(base, models, mode, thr, counts):
         """counts[b, s] = number of |d| (model s % m) equal to selector s's threshold in block b (mode 2 only)."""
         nb = counts.shape[0]
-        m = models.shape[0]
+        m = len(models)
         ns = mode.shape[0]
         n = base.shape[0]
         for b in prange(nb):
@@ -169,7 +172,7 @@ if HAVE_NUMBA:
         Selector i (< m) keeps the top entries of δ_i; selector m + i, when active, removes its own (smaller) top
         set again (breadcrumbs' outlier cut): mask_i = top(k_hi) ∧ ¬top(k_lo)."""
         nb = eq_budget.shape[0]
-        m = models.shape[0]
+        m = len(models)
         n = base.shape[0]
         zero = np.float32(0.0)
         one = np.float32(1.0)
@@ -257,7 +260,7 @@ if HAVE_NUMBA:
     def random_l1_stats(base, models, keys, rhos, offset, sums):
         """sums[b, i, 0] += Σ|δ_i|, sums[b, i, 1] += Σ|δ_i|·keep_i (DARE's L1 rescale), in float64."""
         nb = sums.shape[0]
-        m = models.shape[0]
+        m = len(models)
         n = base.shape[0]
         for b in prange(nb):
             bs, be = _tile_range(b, nb, n)
@@ -299,8 +302,8 @@ if HAVE_NUMBA:
     @njit(parallel=True, **_OPTS)
     def linear_apply(models, weights, out_u16, out_f32, write_bf16):
         """Σ w_i x_i over bf16 inputs (weights already normalized), each product rounded, accumulated in float32."""
-        m = models.shape[0]
-        n = models.shape[1]
+        m = len(models)
+        n = models[0].shape[0]
         nb = max(1, min(64, (n + TILE - 1) // TILE))
         for b in prange(nb):
             bs, be = _tile_range(b, nb, n)

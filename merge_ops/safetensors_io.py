@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -158,6 +159,36 @@ def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, 
     return buf.view(info.torch_dtype).reshape(out_shape)
 
 
+def map_rows(info: TensorInfo, row_start: int, row_end: int):
+    """Rows ``[row_start, row_end)`` of a tensor as a read-only numpy uint16 array over a private ``mmap`` of just
+    that byte range (for the fused CPU kernels: no copy out of the page cache). Returns ``(array, mmap)``; drop the
+    array and close the mmap when done, which unmaps the pages (they stop counting in RSS)."""
+    import numpy as np
+
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    start = info.offset + row_start * row_bytes
+    length = (row_end - row_start) * row_bytes
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, length + (start - aligned), access=mmap.ACCESS_READ, offset=aligned)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.uint16, count=length // 2, offset=start - aligned), mm
+
+
+def advise_willneed(info: TensorInfo) -> None:
+    """Ask the kernel to start reading a tensor's bytes into the page cache (asynchronous read-ahead)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def read_tensor(info: TensorInfo, fd: int | None = None) -> torch.Tensor:
     return read_rows(info, 0, None, fd)
 
@@ -196,8 +227,10 @@ class ShardStreamWriter:
     """Writes one safetensors file whose layout is fixed up front: header first, then each tensor's bytes in the
     planned order, possibly in several pieces (row chunks). Checks that every byte promised by the header arrives."""
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
+                 fsync: bool = False):
         self.path = Path(path)
+        self.fsync = fsync
         self.tensors = tensors
         self._order = {t.name: i for i, t in enumerate(tensors)}
         header, _ = build_header(tensors, metadata)
@@ -254,7 +287,8 @@ class ShardStreamWriter:
             self._f.close()
             raise RuntimeError(f"internal: {self.path.name} closed before tensor '{missing}' was written")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.fsync:
+            os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:

@@ -43,13 +43,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", choices=["float32", "float64"], default=None,
                    help="precision of the arithmetic (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--fsync", action="store_true", help="fsync the output shards before publishing (slower, durable)")
 
 
 def _options(args: argparse.Namespace):
     from merge_ops.api import MergeOptions
 
     return MergeOptions(device=args.device, seed=getattr(args, "seed", 0), shard_size=args.shard_size,
-                        allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype)
+                        allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype,
+                        fsync=args.fsync)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
