@@ -23,7 +23,7 @@ from .plan import InputRef, MergePlan, OutputTensor
 from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter, advise_willneed, map_rows
 
 DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
-DEFAULT_CACHE_BYTES = 48 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
+DEFAULT_CACHE_BYTES = 16 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thread
 
 
