@@ -24,6 +24,27 @@ DTYPE_ALIASES = {
 }
 
 
+def normalize_dtype(v: str | None) -> str | None:
+    """Canonical dtype name (float32, float16, bfloat16, float64) from MergeKit's spellings; shared with the
+    pipeline spec's merge nodes."""
+    if v is None:
+        return v
+    key = str(v).lower().replace("torch.", "")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16, float64")
+    return DTYPE_ALIASES[key]
+
+
+def check_models_or_slices(models: list | None, slices: list | None) -> None:
+    """A merge lists its inputs either under ``models`` or under ``slices``, never both, never empty."""
+    if (models is None) == (slices is None):
+        raise ValueError("give exactly one of 'models' or 'slices'")
+    if models is not None and not models:
+        raise ValueError("'models' is empty")
+    if slices is not None and not slices:
+        raise ValueError("'slices' is empty")
+
+
 class FilteredValue(BaseModel):
     """One entry of a ``[{filter, value}]`` parameter list: applies to tensors whose name contains ``filter``."""
 
@@ -99,21 +120,11 @@ class MergeConfig(_Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v):
-        if v is None:
-            return v
-        key = str(v).lower().replace("torch.", "")
-        if key not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16, float64")
-        return DTYPE_ALIASES[key]
+        return normalize_dtype(v)
 
     @model_validator(mode="after")
     def _shape(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty")
-        if self.slices is not None and not self.slices:
-            raise ValueError("'slices' is empty")
+        check_models_or_slices(self.models, self.slices)
         if self.tokenizer_source and self.tokenizer:
             raise ValueError("give 'tokenizer_source' or 'tokenizer', not both")
         return self

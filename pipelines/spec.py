@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from merge_ops.config import DTYPE_ALIASES, ModelEntry, ParamValue, SliceSpec
+from merge_ops.config import ModelEntry, ParamValue, SliceSpec, check_models_or_slices, normalize_dtype
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 TAG_KEY_RE = re.compile(r"^([A-Za-z0-9_.\-]{1,63}/)?[A-Za-z0-9_.\-]{1,63}$")
@@ -289,21 +289,11 @@ class MergeSpec(_Node):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v):
-        if v is None:
-            return v
-        key = str(v).lower().replace("torch.", "")
-        if key not in DTYPE_ALIASES:
-            raise ValueError(f"unknown dtype '{v}'; use one of float32, float16, bfloat16, float64")
-        return DTYPE_ALIASES[key]
+        return normalize_dtype(v)
 
     @model_validator(mode="after")
     def _shape(self):
-        if (self.models is None) == (self.slices is None):
-            raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.models is not None and not self.models:
-            raise ValueError("'models' is empty")
-        if self.slices is not None and not self.slices:
-            raise ValueError("'slices' is empty")
+        check_models_or_slices(self.models, self.slices)
         return self
 
     def references(self) -> list[tuple[str, str]]:
