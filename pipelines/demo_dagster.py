@@ -35,6 +35,9 @@ concurrency:
     default_limit: 1
 telemetry:
   enabled: false
+nux:
+  # no first-visit "join the community" dialog over the lineage page
+  enabled: false
 """
 
 
