@@ -93,25 +93,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class _Node(_Strict):
+class _Labelled(_Strict):
+    """Shared by nodes and the pipeline: YAML may give code versions and tag values as numbers; keep them strings."""
+
+    @field_validator("code_version", mode="before", check_fields=False)
+    @classmethod
+    def _cv(cls, v):
+        return _coerce_str(v)
+
+    @field_validator("tags", mode="before", check_fields=False)
+    @classmethod
+    def _tag_values(cls, v):
+        if isinstance(v, dict):
+            return {k: _coerce_str(x) for k, x in v.items()}
+        return v
+
+
+class _Node(_Labelled):
     """Fields every node accepts."""
 
     description: str | None = None
     owners: list[str] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
     code_version: str | None = None
-
-    @field_validator("code_version", mode="before")
-    @classmethod
-    def _cv(cls, v):
-        return _coerce_str(v)
-
-    @field_validator("tags", mode="before")
-    @classmethod
-    def _tag_values(cls, v):
-        if isinstance(v, dict):
-            return {k: _coerce_str(x) for k, x in v.items()}
-        return v
 
 
 class ToyModelSpec(_Strict):
@@ -430,7 +434,7 @@ class ScheduleSpec(_Strict):
         return [self.target] if isinstance(self.target, str) else list(self.target)
 
 
-class PipelineSpec(_Strict):
+class PipelineSpec(_Labelled):
     name: str
     description: str | None = None
     owners: list[str] = Field(default_factory=list)
@@ -449,17 +453,6 @@ class PipelineSpec(_Strict):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _warnings: list[str] = PrivateAttr(default_factory=list)
 
-    @field_validator("code_version", mode="before")
-    @classmethod
-    def _cv(cls, v):
-        return _coerce_str(v)
-
-    @field_validator("tags", mode="before")
-    @classmethod
-    def _tag_values(cls, v):
-        if isinstance(v, dict):
-            return {k: _coerce_str(x) for k, x in v.items()}
-        return v
 
     @field_validator("base_models", "datasets", "finetunes", "adapters", "merges", "exports", "evals", "schedules",
                      mode="before")
