@@ -66,6 +66,19 @@ def check_settings(method: type[MergeMethod], settings: dict[str, Any], where: s
             spec.check(v, f"{where}.{key}")
 
 
+def check_merge_settings(method: type[MergeMethod], parameters: dict[str, Any], models: list | None,
+                         slices: list | None, prefix: str = "") -> None:
+    """Check every parameter setting of a merge (global, per model, per slice, per slice source); ``prefix`` is
+    the YAML path of the merge (e.g. ``merges.soup.``) for error messages."""
+    check_settings(method, parameters, f"{prefix}parameters", "global")
+    for i, m in enumerate(models or []):
+        check_settings(method, m.parameters, f"{prefix}models[{i}].parameters", "model")
+    for k, s in enumerate(slices or []):
+        check_settings(method, s.parameters, f"{prefix}slices[{k}].parameters", "slice")
+        for j, src in enumerate(s.sources):
+            check_settings(method, src.parameters, f"{prefix}slices[{k}].sources[{j}].parameters", "model")
+
+
 def _all_values(value: Any) -> list[Any]:
     if isinstance(value, list):
         out: list[Any] = []

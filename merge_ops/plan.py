@@ -18,7 +18,7 @@ from .config import MergeConfig
 from .errors import ConfigError, InputError, UnsupportedError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
-from .params import check_settings, resolve_param
+from .params import check_merge_settings, resolve_param
 from .safetensors_io import TORCH_TO_ST
 from .sources import ModelSource
 
@@ -99,13 +99,7 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
                sources: dict[str, ModelSource] | None = None) -> MergePlan:
     method_cls = get_method(cfg.merge_method)
     # -- parameters are checked before any file is opened ------------------------------------------------------------
-    check_settings(method_cls, cfg.parameters, "parameters", "global")
-    for i, m in enumerate(cfg.models or []):
-        check_settings(method_cls, m.parameters, f"models[{i}].parameters", "model")
-    for k, s in enumerate(cfg.slices or []):
-        check_settings(method_cls, s.parameters, f"slices[{k}].parameters", "slice")
-        for j, src in enumerate(s.sources):
-            check_settings(method_cls, src.parameters, f"slices[{k}].sources[{j}].parameters", "model")
+    check_merge_settings(method_cls, cfg.parameters, cfg.models, cfg.slices)
     for spec in method_cls.params:
         if spec.required and spec.scope == "global" and spec.name not in cfg.parameters and not (
                 cfg.slices and all(spec.name in s.parameters for s in cfg.slices)):

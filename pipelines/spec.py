@@ -928,7 +928,7 @@ class _Checker:
     def _merge(self, name: str) -> None:
         from merge_ops.errors import ConfigError
         from merge_ops.methods import get_method
-        from merge_ops.params import check_settings
+        from merge_ops.params import check_merge_settings
 
         s = self.s
         m = s.merges[name]
@@ -939,13 +939,7 @@ class _Checker:
             self.err(f"{where}.method: {str(e).split(': ', 1)[1]}")
             return
         try:
-            check_settings(method, m.parameters, f"{where}.parameters", "global")
-            for i, e in enumerate(m.models or []):
-                check_settings(method, e.parameters, f"{where}.models[{i}].parameters", "model")
-            for k, sl in enumerate(m.slices or []):
-                check_settings(method, sl.parameters, f"{where}.slices[{k}].parameters", "slice")
-                for j, src in enumerate(sl.sources):
-                    check_settings(method, src.parameters, f"{where}.slices[{k}].sources[{j}].parameters", "model")
+            check_merge_settings(method, m.parameters, m.models, m.slices, f"{where}.")
         except ConfigError as e:
             self.err(str(e))
         for p in method.params:
