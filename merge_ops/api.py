@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from .lazy_torch import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -97,7 +97,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, options: MergeOptions | 
     options = options or MergeOptions()
     cfg, _ = _as_config(config)
     device = resolve_device(options.device)
-    cdt = {"float64": torch.float64, "float32": torch.float32}.get(options.compute_dtype or "")
+    cdt = options.compute_dtype if options.compute_dtype in ("float64", "float32") else None
     return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
                       device=device, compute_dtype=cdt, sources=sources)
 
@@ -157,7 +157,7 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             "config": config_dump,
             "method": cfg.merge_method,
             "seed": options.seed,
-            "compute_dtype": str(plan.compute_dtype).replace("torch.", ""),
+            "compute_dtype": plan.compute_dtype_name,
             "device": describe(device),
             "inputs": [{"reference": s.label, **s.paths} for s in plan.sources],
             "input_sha256": hashes,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from .lazy_torch import torch
 
 from .errors import InputError
 from .safetensors_io import TensorInfo, read_header, read_rows

@@ -8,6 +8,7 @@ a prefetcher reads the next tensor's inputs, the main thread computes, a writer 
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
+
+from .lazy_torch import CpuDevice, is_tensor, torch
 
 from .methods.base import Chunk
 from .plan import InputRef, MergePlan, OutputTensor
@@ -54,7 +56,7 @@ def chunk_ranges(shape: tuple[int, ...], chunk_elements: int) -> list[tuple[int,
     if len(shape) < 2:
         return [(0, shape[0] if shape else 1)]
     rows = shape[0]
-    row_elems = max(1, 1 if len(shape) < 2 else int(torch.tensor(shape[1:]).prod()))
+    row_elems = max(1, math.prod(shape[1:]))
     per = max(1, chunk_elements // row_elems)
     return [(r, min(rows, r + per)) for r in range(0, rows, per)] or [(0, 0)]
 
@@ -114,7 +116,7 @@ class Executor:
                  fsync: bool = False):
         self.fsync = fsync
         self.plan = plan
-        self.device = plan.tensors[0].task.device if plan.tensors and plan.tensors[0].task else torch.device("cpu")
+        self.device = plan.tensors[0].task.device if plan.tensors and plan.tensors[0].task else CpuDevice()
         for t in plan.tensors:
             if t.task is not None:
                 self.device = t.task.device
@@ -192,6 +194,11 @@ class Executor:
         return chunk_ranges(ot.shape, self.chunk_elements)
 
     def _tensor(self, ot: OutputTensor, cached, emit: Callable[[torch.Tensor], None]) -> None:
+        if ot.task is not None:
+            fused = self._fused(ot)
+            if fused is not None:
+                self._tensor_fused(ot, cached, fused, emit)
+                return
         out_dtype = ST_TO_TORCH[ot.dtype]
         ranges = self._ranges(ot)
         if ot.task is None:  # copy with a dtype change or an adapter applied
@@ -200,10 +207,6 @@ class Executor:
                 emit(self._detach_from(c.models[0].to(out_dtype), c))
             return
         method, task = self.plan.method, ot.task
-        fused = self._fused(ot)
-        if fused is not None:
-            self._tensor_fused(ot, cached, fused, emit)
-            return
         stats = method.init_stats(task)
         passes = method.stats_passes(task, stats)
         if len(ranges) == 1:
@@ -225,7 +228,7 @@ class Executor:
     # -- fused CPU kernels (bf16) -----------------------------------------------------------------------------------
     def _fused(self, ot: OutputTensor):
         task = ot.task
-        if self.device.type != "cpu" or task.compute_dtype != torch.float32 or ot.dtype not in ("BF16", "F32"):
+        if self.device.type != "cpu" or task.compute_dtype_name != "float32" or ot.dtype not in ("BF16", "F32"):
             return None
         srcs = self.plan.sources
         for r in self._inputs(ot):
@@ -269,9 +272,7 @@ class Executor:
         for r0, r1 in ranges:
             out = np.empty((r1 - r0) * row, dtype=np.uint16 if bf16 else np.float32)
             run(r0, r1, lambda b, m: fused.apply(b, m, out if bf16 else None, None if bf16 else out))
-            t = torch.from_numpy(out)
-            t = t.view(torch.int16).view(torch.bfloat16) if bf16 else t
-            emit(t.reshape((r1 - r0,) + tuple(ot.shape[1:])))
+            emit(out)  # raw little-endian bf16 bits (uint16) or float32: the writer needs only the bytes
 
     # -- whole run ---------------------------------------------------------------------------------------------------
     def run(self, out_dir: Path, shards: list[ShardInfo]) -> None:
@@ -301,9 +302,13 @@ class Executor:
                             info = src.info(ot.copy_from.tensor)
                             writer.submit(lambda sw=sw, name=ot.name, info=info: sw.copy_from_file(name, info))
                         else:
-                            def emit(t: torch.Tensor, sw=sw, name=ot.name) -> None:
-                                t = t.cpu() if t.device.type != "cpu" else t
-                                writer.submit(lambda: sw.write(name, t), t.numel() * t.element_size())
+                            def emit(t, sw=sw, name=ot.name) -> None:
+                                if is_tensor(t):
+                                    t = t.cpu() if t.device.type != "cpu" else t
+                                    nbytes = t.numel() * t.element_size()
+                                else:  # a numpy array from a fused kernel
+                                    nbytes = t.nbytes
+                                writer.submit(lambda: sw.write(name, t), nbytes)
                             self._tensor(ot, cached, emit)
                         self.progress(1)
                     writer.drain()

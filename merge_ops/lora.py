@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+from .lazy_torch import torch
 
 from .errors import InputError, UnsupportedError
 from .safetensors_io import TensorInfo, read_header, read_rows

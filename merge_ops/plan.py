@@ -12,13 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from .lazy_torch import torch
 
 from .config import MergeConfig
 from .errors import ConfigError, InputError, UnsupportedError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
 from .params import check_merge_settings, resolve_param
+from .lazy_torch import CpuDevice
 from .safetensors_io import TORCH_TO_ST
 from .sources import ModelSource
 
@@ -76,8 +77,12 @@ class MergePlan:
     tensors: list[OutputTensor]
     out_config: dict[str, Any]
     tokenizer_source: ModelSource | None
-    compute_dtype: torch.dtype
+    compute_dtype_name: str
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def compute_dtype(self) -> "torch.dtype":
+        return getattr(torch, self.compute_dtype_name)
 
     @property
     def total_bytes(self) -> int:
@@ -118,9 +123,12 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         opened.append(src)
     _check_architectures(opened)
 
-    compute = compute_dtype or (torch.float64 if cfg.dtype == "float64" else torch.float32)
+    compute = (str(compute_dtype).replace("torch.", "") if compute_dtype is not None else
+               ("float64" if cfg.dtype == "float64" else "float32"))
+    if compute not in ("float32", "float64"):
+        raise ConfigError(f"compute dtype '{compute}': expected float32 or float64")
     method = method_cls()
-    dev = device or torch.device("cpu")
+    dev = device or CpuDevice()
     warnings: list[str] = []
     if cfg.models is not None:
         donor = index[cfg.base_model] if cfg.base_model else index[cfg.models[0].model]
@@ -274,7 +282,7 @@ class _Planner:
             model_params.append({s.name: resolve_param(s, levels, name, t, f"model '{slot.label}'")
                                  for s in cls.params if s.scope == "model"})
         task = TensorTask(name=out_name, shape=shape, has_base=base is not None, model_params=model_params,
-                          params=params, seed=self.seed, compute_dtype=self.compute, device=self.device,
+                          params=params, seed=self.seed, compute_dtype_name=self.compute, device=self.device,
                           model_labels=[s.label for s in used])
         method.check_task(task)
         ident = method.is_identity(task)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-import torch
+from .lazy_torch import torch
 
 GOLDEN = 0x9E3779B97F4A7C15
 M1 = 0xBF58476D1CE4E5B9

@@ -22,27 +22,76 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-import torch
+import numpy as np
+
+from .lazy_torch import is_tensor, torch
 
 from .errors import InputError
 
-# safetensors dtype code -> torch dtype
-ST_TO_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype code -> torch dtype attribute name (resolved on use: see lazy_torch)
+_ST_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
-if hasattr(torch, "float8_e4m3fn"):
-    ST_TO_TORCH["F8_E4M3"] = torch.float8_e4m3fn
-    ST_TO_TORCH["F8_E5M2"] = torch.float8_e5m2
-TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
+ELEMENT_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class _LazyDtypeMap(dict):
+    """``ST_TO_TORCH`` / ``TORCH_TO_ST``: filled with torch dtypes on first use, so importing this module does not
+    import torch."""
+
+    def __init__(self, invert: bool = False):
+        super().__init__()
+        self._invert = invert
+        self._filled = False
+
+    def _fill(self) -> None:
+        if not self._filled:
+            self._filled = True
+            for code, name in _ST_TORCH_NAMES.items():
+                dt = getattr(torch, name, None)
+                if dt is not None:
+                    if self._invert:
+                        dict.__setitem__(self, dt, code)
+                    else:
+                        dict.__setitem__(self, code, dt)
+
+    def __getitem__(self, k):
+        self._fill()
+        return dict.__getitem__(self, k)
+
+    def __contains__(self, k):
+        self._fill()
+        return dict.__contains__(self, k)
+
+    def get(self, k, default=None):
+        self._fill()
+        return dict.get(self, k, default)
+
+    def __iter__(self):
+        self._fill()
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._fill()
+        return dict.__len__(self)
+
+    def keys(self):
+        self._fill()
+        return dict.keys(self)
+
+    def values(self):
+        self._fill()
+        return dict.values(self)
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+
+ST_TO_TORCH: dict = _LazyDtypeMap()
+TORCH_TO_ST: dict = _LazyDtypeMap(invert=True)
 
 FLOAT_CODES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -50,7 +99,10 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def element_size(st_dtype: str) -> int:
-    return torch.empty((), dtype=ST_TO_TORCH[st_dtype]).element_size()
+    try:
+        return ELEMENT_SIZE[st_dtype]
+    except KeyError:
+        raise InputError(f"unsupported safetensors dtype '{st_dtype}'") from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +158,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{path}: corrupt header entry for tensor '{name}' ({e})") from e
-        if dtype not in ST_TO_TORCH:
+        if dtype not in ELEMENT_SIZE:
             raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which mergeline cannot read")
         nbytes = end - begin
         if nbytes != math.prod(shape) * element_size(dtype) or begin < 0 or data_start + end > size:
@@ -243,16 +295,20 @@ class ShardStreamWriter:
         while self._next < len(self.tensors) and self.tensors[self._next].nbytes == 0:
             self._next += 1
 
-    def write(self, name: str, data: torch.Tensor | bytes | memoryview) -> None:
-        """Append bytes of tensor ``name``; tensors must come in planned order, a tensor may come in pieces."""
-        empty = data.numel() == 0 if isinstance(data, torch.Tensor) else len(data) == 0
+    def write(self, name: str, data: "torch.Tensor | np.ndarray | bytes | memoryview") -> None:
+        """Append bytes of tensor ``name``; tensors must come in planned order, a tensor may come in pieces. A numpy
+        array is taken as raw bytes (fused kernels hand over bf16 as uint16 bits)."""
+        if isinstance(data, np.ndarray):
+            data = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        tensor = is_tensor(data)
+        empty = data.numel() == 0 if tensor else len(data) == 0
         if empty:  # zero-size tensors need no bytes; the writer skips them by itself
             return
         if self._next >= len(self.tensors) or self.tensors[self._next].name != name:
             expected = self.tensors[self._next].name if self._next < len(self.tensors) else "<none>"
             raise RuntimeError(f"internal: writer for {self.path.name} expected tensor '{expected}', got '{name}'")
         planned = self.tensors[self._next]
-        if isinstance(data, torch.Tensor):
+        if tensor:
             if data.dtype != ST_TO_TORCH[planned.dtype]:
                 raise RuntimeError(f"internal: tensor '{name}' planned as {planned.dtype}, got {data.dtype}")
             data = data.contiguous().view(-1).view(torch.uint8).numpy().data

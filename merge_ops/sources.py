@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from .lazy_torch import torch
 
 from .checkpoint import Checkpoint
 from .errors import InputError

@@ -13,7 +13,7 @@ so this matters.
 from __future__ import annotations
 
 import numpy as np
-import torch
+from .lazy_torch import torch
 
 _BINS = 1 << 16
 SMALL = 1 << 18  # up to this many values, collect them and select with one sort (histograms cost more)

@@ -16,7 +16,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import torch
+from ..lazy_torch import torch
 
 from ..errors import ConfigError
 
@@ -71,9 +71,13 @@ class TensorTask:
     model_params: list[dict[str, Any]]  # one dict per non-base input, in config order
     params: dict[str, Any]  # global-scope parameters
     seed: int
-    compute_dtype: torch.dtype
-    device: torch.device
+    compute_dtype_name: str  # "float32" | "float64": a name, so planning never imports torch
+    device: Any  # torch.device, or lazy_torch.CpuDevice (a str torch accepts)
     model_labels: list[str] = field(default_factory=list)
+
+    @property
+    def compute_dtype(self) -> "torch.dtype":
+        return getattr(torch, self.compute_dtype_name)
 
     @property
     def numel(self) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from ..lazy_torch import torch
 
 from ..errors import ConfigError
 from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register, weighted_sum
@@ -35,7 +35,7 @@ class Linear(MergeMethod):
     def fused_cpu(self, task: TensorTask):
         from ..kernels import HAVE_NUMBA, FusedLinear
 
-        if not HAVE_NUMBA or task.numel < 65536:
+        if not HAVE_NUMBA:  # any size: small tensors (norms) too, so a bf16 linear merge never needs torch
             return None
         weights = [p["weight"] for p in task.model_params]
         if task.params["normalize"]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import combinations
 
-import torch
+from ..lazy_torch import torch
 
 from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register
 

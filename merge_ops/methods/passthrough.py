@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+from ..lazy_torch import torch
 
 from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from ..lazy_torch import torch
 
 from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register
 from .slerp_math import slerp_coefficients

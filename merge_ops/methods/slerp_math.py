@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ..lazy_torch import torch
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8

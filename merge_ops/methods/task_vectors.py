@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import torch
+from ..lazy_torch import torch
 
 from ..errors import ConfigError
 from ..topk import TopKSelector
