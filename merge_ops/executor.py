@@ -142,7 +142,7 @@ class Executor:
         if ot.copy_from is not None and srcs[ot.copy_from.source].unchanged(ot.copy_from.tensor) and \
                 srcs[ot.copy_from.source].info(ot.copy_from.tensor).dtype == ot.dtype:
             return None  # raw byte copy, done by the writer
-        if ot.task is not None and self._fused(ot) is not None:
+        if (ot.task is not None and self._fused(ot) is not None) or self._lora_fast(ot) is not None:
             # fused kernels read memory-mapped inputs: only ask the kernel to start reading them now
             for r in refs:
                 advise_willneed(srcs[r.source].info(r.tensor))
@@ -199,6 +199,10 @@ class Executor:
             if fused is not None:
                 self._tensor_fused(ot, cached, fused, emit)
                 return
+        fast = self._lora_fast(ot)
+        if fast is not None:
+            self._tensor_lora(ot, fast, emit)
+            return
         out_dtype = ST_TO_TORCH[ot.dtype]
         ranges = self._ranges(ot)
         if ot.task is None:  # copy with a dtype change or an adapter applied
@@ -274,8 +278,79 @@ class Executor:
             run(r0, r1, lambda b, m: fused.apply(b, m, out if bf16 else None, None if bf16 else out))
             emit(out)  # raw little-endian bf16 bits (uint16) or float32: the writer needs only the bytes
 
+    # -- plain LoRA on the CPU, numpy + numba (no torch) ---------------------------------------------------------------
+    def _lora_fast(self, ot: OutputTensor):
+        """``(source, A, B, s)`` when output tensor ``ot`` is a base tensor plus a plain LoRA update that the numpy
+        path computes (CPU, bf16/f32 in and out, 2-D, no DoRA/embedding/Conv1D), else None."""
+        if ot.task is not None or ot.copy_from is None or self.device.type != "cpu" or len(ot.shape) != 2 or \
+                ot.dtype not in ("BF16", "F32"):
+            return None
+        from .kernels import HAVE_NUMBA
+
+        src = self.plan.sources[ot.copy_from.source]
+        name = ot.copy_from.tensor
+        if not HAVE_NUMBA or src.unchanged(name) or src.info(name).dtype not in ("BF16", "F32"):
+            return None
+        upd = src.adapter.plain_update(name)
+        return None if upd is None else (src, *upd)
+
+    def _tensor_lora(self, ot: OutputTensor, fast, emit: Callable) -> None:
+        """Rows of ``W + s·(B @ A)``: PEFT's operation order (product, scale, add), float32, rounded once to the
+        output dtype. Base rows come memory-mapped and are unmapped after each block."""
+        from .kernels import bf16_to_f32, f32_to_bf16
+
+        src, A, B, s = fast
+        info = src.info(ot.copy_from.tensor)
+        cols = ot.shape[1]
+        for r0, r1 in chunk_ranges(ot.shape, self.chunk_elements):
+            arr, mm = map_rows(info, r0, r1)
+            try:
+                n = (r1 - r0) * cols
+                if info.dtype == "BF16":
+                    w = np.empty(n, dtype=np.float32)
+                    bf16_to_f32(arr, w)
+                else:
+                    w = arr.view(np.float32)
+                delta = np.matmul(B[r0:r1], A)
+                delta *= np.float32(s)
+                delta += w.reshape(r1 - r0, cols)
+            finally:
+                del arr, w
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+            flat = delta.reshape(-1)
+            if ot.dtype == "BF16":
+                out = np.empty(n, dtype=np.uint16)
+                f32_to_bf16(flat, out)
+                emit(out)
+            else:
+                emit(flat)
+
     # -- whole run ---------------------------------------------------------------------------------------------------
+    def needs_torch(self) -> bool:
+        """Whether any tensor takes a torch path (not a raw copy, a fused kernel or the numpy LoRA path)."""
+        srcs = self.plan.sources
+        for ot in self.plan.tensors:
+            if ot.copy_from is not None and ot.task is None:
+                src = srcs[ot.copy_from.source]
+                if src.unchanged(ot.copy_from.tensor) and src.info(ot.copy_from.tensor).dtype == ot.dtype:
+                    continue
+                if self._lora_fast(ot) is not None:
+                    continue
+                return True
+            if ot.task is None or self._fused(ot) is None:
+                return True
+        return False
+
     def run(self, out_dir: Path, shards: list[ShardInfo]) -> None:
+        if self.needs_torch():
+            # import it here, in the main thread, before the worker threads start: imported lazily from a worker
+            # it costs hundreds of MB more peak RSS (per-thread allocator arenas) and races the other threads
+            from .lazy_torch import _load
+
+            _load()
         writer = _Writer()
         order = [ot for s in shards for ot in s.tensors]
         pre = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-prefetch")

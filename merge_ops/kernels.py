@@ -397,6 +397,27 @@ if HAVE_NUMBA:
                     out32[j] = _lin4(a0, a1, a2, a3, k, w0, w1, w2, w3, j)
 
 
+    @njit(parallel=True, **_OPTS)
+    def bf16_to_f32(src, out):
+        """bf16 bits → float32 (exact), one pass on all cores."""
+        n = src.shape[0]
+        nb = max(1, min(64, (n + TILE - 1) // TILE))
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            for j in range(bs, be):
+                out[j] = _bf16_val(src[j])
+
+    @njit(parallel=True, **_OPTS)
+    def f32_to_bf16(src, out):
+        """float32 → bf16 bits, round to nearest even (torch's cast), one pass on all cores."""
+        n = src.shape[0]
+        nb = max(1, min(64, (n + TILE - 1) // TILE))
+        for b in prange(nb):
+            bs, be = _tile_range(b, nb, n)
+            for j in range(bs, be):
+                out[j] = _to_bf16(src[j])
+
+
 class FusedTaskVector:
     """Streams a bf16 task-vector merge (no sparsification, magnitude top-k, or breadcrumbs' band) through the
     kernels above.

@@ -13,20 +13,35 @@ import glob
 import importlib
 import os
 import sys
+import threading
 from typing import Any
+
+
+_real: Any = None
+_lock = threading.Lock()
+
+
+def _load() -> Any:
+    """The real module, imported once. Under a lock: the engine's threads (prefetch, writer, main) may all reach
+    for torch at the same moment, and a second thread must not see the half-initialised module in sys.modules."""
+    global _real
+    with _lock:
+        if _real is None:
+            had = "torch" in sys.modules
+            mod = importlib.import_module("torch")
+            if not had:
+                n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                if mod.get_num_threads() != n:
+                    mod.set_num_threads(n)  # what merge_ops.device.use_all_cores would have done
+            _real = mod
+    return _real
 
 
 class _LazyTorch:
     __slots__ = ()
 
     def __getattr__(self, name: str) -> Any:
-        mod = sys.modules.get("torch")
-        if mod is None:
-            mod = importlib.import_module("torch")
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            if mod.get_num_threads() != n:
-                mod.set_num_threads(n)  # what merge_ops.device.use_all_cores would have done
-        return getattr(mod, name)
+        return getattr(_real if _real is not None else _load(), name)
 
     def __repr__(self) -> str:
         return "<lazy module 'torch'>"
@@ -42,7 +57,8 @@ def torch_loaded() -> bool:
 def is_tensor(x: Any) -> bool:
     """``isinstance(x, torch.Tensor)`` without importing torch (nothing can be a tensor before torch is loaded)."""
     mod = sys.modules.get("torch")
-    return mod is not None and isinstance(x, mod.Tensor)
+    tensor = getattr(mod, "Tensor", None) if mod is not None else None
+    return tensor is not None and isinstance(x, tensor)
 
 
 def gpu_driver_present() -> bool:

@@ -52,10 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .lazy_torch import torch
 
 from .errors import InputError, UnsupportedError
-from .safetensors_io import TensorInfo, read_header, read_rows
+from .safetensors_io import TensorInfo, read_header, read_rows, read_rows_f32
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import Checkpoint
@@ -111,10 +113,10 @@ class _Module:
 
     path: str
     embedding: bool
-    A: torch.Tensor | None = None  # [r, in] (linear) / [r, num_embeddings] (embedding)
-    B: torch.Tensor | None = None  # [out, r] / [dim, r]
-    magnitude: torch.Tensor | None = None  # DoRA, [out] / [dim]
-    bias: torch.Tensor | None = None  # lora_B.bias, [out]
+    A: np.ndarray | None = None  # float32 [r, in] (linear) / [r, num_embeddings] (embedding)
+    B: np.ndarray | None = None  # float32 [out, r] / [dim, r]
+    magnitude: np.ndarray | None = None  # DoRA, [out] / [dim]
+    bias: np.ndarray | None = None  # lora_B.bias, [out]
     keys: dict[str, str] = field(default_factory=dict)  # kind -> adapter key (for messages)
     scale: float = 0.0
     conv1d: bool | None = None  # stored weight is [in, out] (GPT-2 Conv1D); None until known
@@ -136,7 +138,9 @@ class _Module:
         """A, B, magnitude, bias moved to where the base rows live (cached: the engine calls this per row block)."""
         k = (str(device), dtype)
         if k not in self._cache:
-            conv = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+            # copy=True: torch-allocated (64-byte aligned) storage; BLAS calls on numpy-backed (32-byte aligned)
+            # operands cost hundreds of MB more peak RSS here
+            conv = lambda t: None if t is None else torch.from_numpy(t).to(device=device, dtype=dtype, copy=True)  # noqa: E731
             self._cache[k] = (conv(self.A), conv(self.B), conv(self.magnitude), conv(self.bias))
         return self._cache[k]
 
@@ -329,8 +333,9 @@ class LoraAdapter:
                     f"{where}: module '{mpath}' has two '{slot}' tensors ('{m.keys[slot]}' and '{key}'); "
                     f"the adapter file is inconsistent (several adapters in one file?)"
                 )
-            # adapter tensors are small (rank r): load them now, as float32 for exact-enough math on any device
-            setattr(m, slot, read_rows(info).to(torch.float32))
+            # adapter tensors are small (rank r): load them now, as float32 numpy arrays (exact-enough math on any
+            # device; numpy so that a plain LoRA merge on the CPU never needs torch — see lazy_torch)
+            setattr(m, slot, read_rows_f32(info))
             m.keys[slot] = key
 
         if len(adapter_names) > 1:
@@ -359,7 +364,7 @@ class LoraAdapter:
                     f"{where}: module '{m.path}' has {have} but no {miss}; the adapter file is incomplete "
                     f"(re-save it with PeftModel.save_pretrained)"
                 )
-            if m.A.dim() != 2 or m.B.dim() != 2:
+            if m.A.ndim != 2 or m.B.ndim != 2:
                 raise UnsupportedError(
                     f"{where}: '{m.keys['A']}' has shape {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)}; "
                     f"only 2-D LoRA (Linear, Conv1D, Embedding) is supported, not LoRA on convolutions"
@@ -432,6 +437,18 @@ class LoraAdapter:
         if m.embedding:
             return False
         return not self._conv1d(m, None)
+
+    def plain_update(self, name: str) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """``(A, B, s)`` (float32 numpy) when base tensor ``name`` gets a plain row-local LoRA update
+        ``W + s·(B @ A)`` — no DoRA, not an embedding, not a Conv1D layout, not a bias — else None. The engine's
+        numpy fast path handles exactly these; everything else goes through :meth:`apply` (torch)."""
+        t = self._targets.get(name)
+        if t is None:
+            return None
+        m, what = t
+        if what == "bias" or m.magnitude is not None or m.embedding or self._conv1d(m, None):
+            return None
+        return m.A, m.B, m.scale
 
     def input_files(self) -> list[Path]:
         """Files whose bytes determine the merge result (hashed into the output manifest)."""

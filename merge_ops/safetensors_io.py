@@ -211,6 +211,34 @@ def read_rows(info: TensorInfo, row_start: int = 0, row_end: int | None = None, 
     return buf.view(info.torch_dtype).reshape(out_shape)
 
 
+_NP_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def read_rows_f32(info: TensorInfo) -> np.ndarray:
+    """A whole (small) floating-point tensor as a float32 numpy array, without torch. Conversions round to nearest
+    even like torch's ``.to(torch.float32)`` (bf16 and f16 widen exactly)."""
+    if info.dtype not in _NP_FLOATS and info.dtype != "BF16":
+        raise InputError(f"{info.file}: tensor '{info.name}' has dtype {info.dtype}; expected a floating-point type")
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    if info.nbytes:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            view = memoryview(buf)
+            pos = 0
+            while pos < info.nbytes:
+                got = os.preadv(fd, [view[pos:]], info.offset + pos)
+                if got <= 0:
+                    raise InputError(f"{info.file}: unexpected end of file while reading tensor '{info.name}'")
+                pos += got
+        finally:
+            os.close(fd)
+    if info.dtype == "BF16":
+        out = (buf.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    else:
+        out = buf.view(_NP_FLOATS[info.dtype]).astype(np.float32)
+    return out.reshape(info.shape)
+
+
 def map_rows(info: TensorInfo, row_start: int, row_end: int):
     """Rows ``[row_start, row_end)`` of a tensor as a read-only numpy uint16 array over a private ``mmap`` of just
     that byte range (for the fused CPU kernels: no copy out of the page cache). Returns ``(array, mmap)``; drop the
