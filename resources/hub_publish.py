@@ -19,6 +19,12 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
+def _transient(e: Exception) -> Exception:
+    """Mark an error worth retrying (server errors, network); auth, rights and bad input are not."""
+    e.transient = True  # type: ignore[attr-defined]
+    return e
+
+
 def _offline(hub: "HubResource") -> bool:
     if hub.is_offline():
         return True
@@ -73,9 +79,9 @@ def publish_folder(hub: "HubResource", folder: Path, repo_id: str, *, private: b
             raise HubError(f"{what}: branch '{revision}' does not exist and could not be created") from None
         if isinstance(e, RepositoryNotFoundError):
             raise HubError(f"{what}: repository not found while {step} (wrong owner, or no write access)") from None
-        raise HubError(_scrub(f"{what}: failed while {step}: {type(e).__name__}: {e}", token)) from None
+        raise _transient(HubError(_scrub(f"{what}: failed while {step}: {type(e).__name__}: {e}", token))) from None
     except Exception as e:  # network errors etc.; never include the token
-        raise HubError(_scrub(f"{what}: failed while {step}: {type(e).__name__}: {e}", token)) from None
+        raise _transient(HubError(_scrub(f"{what}: failed while {step}: {type(e).__name__}: {e}", token))) from None
     endpoint = (hub.endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     return {
         "repo_id": repo_id,
