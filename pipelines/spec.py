@@ -1207,6 +1207,14 @@ def pipeline_outline(spec: PipelineSpec) -> list[str]:
         out.append(f"export {name}: {x.type} {x.quant} of {x.model} (validated; no asset yet)")
     for name, e in spec.evals.items():
         out.append(f"eval {name}: {', '.join(e.task_names())} on {e.model} (validated; no asset yet)")
+    for sec in ("merges", "exports"):
+        for name, node in getattr(spec, sec).items():
+            pub = getattr(node, "publish", None)
+            if pub is not None:
+                gates = [e for e, ev in spec.evals.items() if ev.model == (name if sec == "merges" else node.model)]
+                out.append(f"published/{p}/{name}  <- Hub repo {pub.repo} (branch {pub.branch}, "
+                           f"{'private' if pub.private else 'public'})"
+                           + (f", gated by evals {', '.join(gates)}" if gates else ""))
     for name, sc in spec.schedules.items():
         out.append(f"schedule {name}: '{sc.cron}' ({sc.timezone}) -> {', '.join(sc.targets)}"
                    + (" and upstream" if sc.upstream and "*" not in sc.targets else ""))

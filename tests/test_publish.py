@@ -73,6 +73,27 @@ def test_model_card_front_matter_round_trips_through_huggingface_hub(tmp_path):
     assert default_license([a, b]) == "other" and default_license([]) == "other"
 
 
+def test_staged_files_leave_out_the_local_manifest_and_keep_only_gguf_for_gguf_exports(tmp_path):
+    from assets.publish import stage_files
+
+    art = tmp_path / "art"
+    (art / "sub").mkdir(parents=True)
+    for rel, data in {"model.safetensors": b"w", "config.json": b"{}", "README.md": b"engine card",
+                      "mergeline.json": b"{}", ".cache/x": b"", "sub/tokenizer.json": b"t"}.items():
+        (art / rel).parent.mkdir(parents=True, exist_ok=True)
+        (art / rel).write_bytes(data)
+    assert stage_files(art, tmp_path / "s1") == ["config.json", "model.safetensors", "sub/tokenizer.json"]
+    assert (tmp_path / "s1" / "sub" / "tokenizer.json").read_bytes() == b"t"
+    gguf = tmp_path / "g"
+    gguf.mkdir()
+    (gguf / "m-q8_0.gguf").write_bytes(b"GGUF")
+    (gguf / "convert.log").write_text("x")
+    assert stage_files(gguf, tmp_path / "s2", only_suffix=".gguf") == ["m-q8_0.gguf"]
+    assert stage_files(gguf / "m-q8_0.gguf", tmp_path / "s3", only_suffix=".gguf") == ["m-q8_0.gguf"]
+    with pytest.raises(dg.Failure, match=r"nothing to publish in .* \(no \*\.gguf file\)"):
+        stage_files(art, tmp_path / "s4", only_suffix=".gguf")
+
+
 # -- spec ------------------------------------------------------------------------------------------------------------
 
 
@@ -266,6 +287,14 @@ def test_wrong_token_fails_clearly_without_leaking_it(hub_env):
         hub_res.publish_folder(tmp_path / "models" / "other", "acme/x")
     assert secret not in str(ei.value) and secret not in repr(hub_res)
     assert "the Hub rejected the token" in str(ei.value)
+    n = len(hub.requests)
+    with pytest.raises(HubError, match=r"no Hub token; set \$MERGELINE_UNSET_TOKEN_VAR"):
+        HubResource(endpoint=hub.url, token_env_var="MERGELINE_UNSET_TOKEN_VAR").publish_folder(
+            tmp_path / "models" / "other", "acme/x")
+    with pytest.raises(HubError, match="the Hub resource is offline"):
+        HubResource(endpoint=hub.url, token=TOKEN, offline=True).publish_folder(tmp_path / "models" / "other",
+                                                                                "acme/x")
+    assert len(hub.requests) == n  # both refused before any request
     # downloads use the right token here; only the publish step sees the wrong one
     good = HubResource(endpoint=hub.url, token=TOKEN, cache_dir=str(tmp_path / "hf-cache"))
     assets, checks, resources = _defs(sha, tmp_path, good, score=None)
@@ -291,7 +320,18 @@ def test_a_failing_blocking_eval_check_prevents_publishing(hub_env):
     hub_res = HubResource(endpoint=hub.url, token=TOKEN, cache_dir=str(tmp_path / "hf-cache"))
     assets, checks, resources = _defs(sha, tmp_path, hub_res, score=0.2)
     published = dg.AssetKey(["published", PIPE, "m"])
+    eval_key = dg.AssetKey(["eval", PIPE, "quality"])
     with _instance(tmp_path) as inst:
+        # a run launched from a code location knows the declared checks: one that never ran also blocks publishing
+        from types import SimpleNamespace
+
+        from assets.publish import blocking_check_problems
+
+        repo_def = dg.Definitions(assets=assets, asset_checks=checks, resources=resources).get_repository_def()
+        ctx = SimpleNamespace(repository_def=repo_def, instance=inst)
+        assert blocking_check_problems(ctx, [eval_key, dg.AssetKey(["merged", PIPE, "m"])]) == [
+            "eval/pub/quality:threshold_arith has not run yet (materialize eval/pub/quality first)"]
+
         # same run: the eval's blocking check fails, Dagster never starts the publish step
         res = dg.materialize([*assets, *checks], resources=resources, instance=inst, raise_on_error=False)
         assert not res.success
@@ -321,3 +361,5 @@ def test_a_failing_blocking_eval_check_prevents_publishing(hub_env):
         assert json.loads(json.dumps(data.metadata["failed_checks"].value)) == [
             "eval/pub/quality:threshold_arith failed: arith acc,none = 0.2 < threshold 0.5"]
         assert ("model", REPO) not in hub.repos
+        assert blocking_check_problems(ctx, [eval_key]) == [
+            "eval/pub/quality:threshold_arith failed: arith acc,none = 0.2 < threshold 0.5"]
