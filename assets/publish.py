@@ -260,6 +260,10 @@ def build_publish_asset(bc: BuildContext, section: str, name: str, node: MergeSp
             content_sha256=art.data_version,
             library_name="gguf" if getattr(node, "type", None) == "gguf" else "transformers",
         )
+        local = [b for b in front.get("base_model") or [] if "/" not in b]
+        if local:
+            context.log.warning(f"{where}: base_model lists local node(s) {', '.join(local)} (no Hub repo known); the "
+                                f"Hub expects repo ids there: use Hub base models or publish those merges too")
         with model_store.staging("published", name) as staged:
             only = ".gguf" if getattr(node, "type", None) == "gguf" else None
             stage_files(art.path, staged, only_suffix=only)
