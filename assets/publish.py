@@ -6,9 +6,10 @@ failed its checks off the Hub:
 
 1. in the run: a failing *blocking* asset check of an upstream asset (the eval thresholds) fails that step, and
    Dagster skips this one (it never starts);
-2. in this step: the latest evaluation of every blocking check of those upstream assets must have passed, else the
-   step fails without retries, naming the check and its description — this covers publishing in a later run, after
-   the evals ran in another one.
+2. in this step: the latest evaluation of every blocking check of those upstream assets must have passed, and each
+   eval must have scored the model's current data version, else the step fails without retries, naming the check
+   and its description (or the stale eval) — this covers publishing in a later run, after the evals ran in another
+   one.
 
 The upload goes through :meth:`resources.hub.HubResource.publish_folder`; the folder is staged in the model store
 (hard links to the artifact's files, the published ``README.md`` written fresh) and removed afterwards. The engine's
@@ -182,6 +183,12 @@ def blocking_check_problems(context: dg.AssetExecutionContext, keys: Iterable[dg
     return problems
 
 
+def _data_version(context: dg.AssetExecutionContext, key: dg.AssetKey) -> str | None:
+    ev = context.instance.get_latest_materialization_event(key)
+    mat = ev.asset_materialization if ev else None
+    return (mat.tags or {}).get("dagster/data_version") if mat else None
+
+
 # -- the asset -------------------------------------------------------------------------------------------------------
 
 
@@ -194,6 +201,7 @@ def build_publish_asset(bc: BuildContext, section: str, name: str, node: MergeSp
     artifact_key = bc.key("merged", name) if section == "merges" else bc.key("export", name)
     evals = gating_evals(spec, section, name)
     eval_keys = [bc.key("eval", e) for e in evals]
+    model_key = bc.model_key(published_model(spec, section, name))  # what the evals scored
     relation = "merge" if section == "merges" else "quantized"
     cfg = {"publish": pub.model_dump(mode="json", exclude_none=True), "artifact": artifact_key.to_user_string(),
            "evals": evals}
@@ -230,6 +238,13 @@ def build_publish_asset(bc: BuildContext, section: str, name: str, node: MergeSp
             if mat is None:
                 raise dg.Failure(description=f"{where}: eval '{e}' ({ek.to_user_string()}) has never run; "
                                              f"materialize it first (its checks gate publishing)",
+                                 allow_retries=False)
+            scored = (mat.tags or {}).get(f"dagster/input_data_version/{model_key.to_user_string()}")
+            current = _data_version(context, model_key)
+            if scored and current and scored != current:
+                raise dg.Failure(description=f"{where}: eval '{e}' scored an older version of "
+                                             f"{model_key.to_user_string()} (data version {scored[:12]}, now "
+                                             f"{current[:12]}); re-run the eval before publishing",
                                  allow_retries=False)
             results = mat.metadata.get("results")
             results = getattr(results, "value", results) or {}

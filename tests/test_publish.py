@@ -278,6 +278,103 @@ def test_publish_a_merge_then_download_it_back(hub_env, monkeypatch):
         assert pub2.metadata["commit_sha"].value == meta["commit_sha"]
         assert pub2.tags["dagster/data_version"] == pub.tags["dagster/data_version"]
 
+        # the merge changes but the eval is not re-run: publishing refuses (the scores belong to the old model)
+        d = _pipeline(sha, tmp_path)
+        d["merges"]["m"]["models"][0]["parameters"]["weight"] = 0.3
+        defs2 = build_definitions(parse_pipeline(d, base_dir=tmp_path), resources=resources)
+        assert dg.materialize(list(defs2.assets), resources=resources, instance=inst,
+                              selection=[dg.AssetKey(["merged", PIPE, "m"])]).success
+        stale = dg.materialize([*assets, *checks], resources=resources, instance=inst, raise_on_error=False,
+                               selection=[dg.AssetKey(["published", PIPE, "m"])])
+        assert not stale.success
+        failure = next(e for e in stale.all_events if e.event_type_value == "STEP_FAILURE")
+        new_dv = inst.get_latest_materialization_event(dg.AssetKey(["merged", PIPE, "m"])).asset_materialization \
+            .tags["dagster/data_version"]
+        assert failure.step_failure_data.user_failure_data.description == (
+            f"merges.m.publish: eval 'quality' scored an older version of merged/pub/m (data version "
+            f"{merged.tags['dagster/data_version'][:12]}, now {new_dv[:12]}); re-run the eval before publishing")
+        assert len(repo.commits) == n_commits
+
+
+def test_publish_folder_to_a_new_branch(tmp_path):
+    if _offline_client():
+        pytest.skip("HF_HUB_OFFLINE is set in this environment")
+    from huggingface_hub import snapshot_download
+
+    folder = tmp_path / "f"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# x\n")
+    (folder / "sub" / "w.bin").write_bytes(bytes(range(256)) * 9)
+    with FakeHub(TOKEN) as hub:
+        res = HubResource(endpoint=hub.url, token=TOKEN).publish_folder(folder, "acme/b", private=False,
+                                                                        revision="dev", commit_message="to dev")
+        repo = hub.repos[("model", "acme/b")]
+        assert not repo.private and res["revision"] == "dev" and res["url"] == f"{hub.url}/acme/b/tree/dev"
+        assert repo.refs["dev"] == res["commit_sha"] != repo.refs["main"]
+        assert repo.commits[res["commit_sha"]].message == "to dev"
+        assert sorted(hub.files("acme/b", "main")) == [".gitattributes"]  # main untouched
+        assert res["files"] == ["README.md", "sub/w.bin"]
+        snap = Path(snapshot_download("acme/b", revision="dev", endpoint=hub.url, token=TOKEN,
+                                      cache_dir=str(tmp_path / "c")))
+        assert (snap / "sub" / "w.bin").read_bytes() == (folder / "sub" / "w.bin").read_bytes()
+
+
+def stand_in_gguf_export(name: str, model: str, store: Path) -> dg.AssetsDefinition:
+    """An export-shaped asset (the export branch builds the real one): a real GGUF file (gguf's writer) in an
+    artifact folder next to a log file that must not be published."""
+    key = dg.AssetKey(["export", PIPE, name])
+
+    @dg.asset(key=key, deps=[dg.AssetKey(["merged", PIPE, model])], group_name=PIPE)
+    def _export() -> dg.MaterializeResult:
+        import gguf
+        import numpy as np
+
+        out = store / "export" / name
+        out.mkdir(parents=True, exist_ok=True)
+        w = gguf.GGUFWriter(str(out / f"{model}-q8_0.gguf"), "llama")
+        w.add_block_count(2)
+        w.add_tensor("token_embd.weight", np.linspace(-1, 1, 128 * 32, dtype=np.float32).reshape(128, 32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        (out / "convert.log").write_text("converted\n")
+        return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(out))},
+                                    data_version=dg.DataVersion("e" * 64))
+
+    return _export
+
+
+def test_publish_a_gguf_export_of_a_published_merge(hub_env):
+    hub, sha, tmp_path = hub_env
+    hub_res = HubResource(endpoint=hub.url, token=TOKEN, cache_dir=str(tmp_path / "hf-cache"))
+    d = _pipeline(sha, tmp_path, evals=False)
+    d["exports"] = {"q": {"model": "m", "type": "gguf", "push_to_hub": "acme/tiny-merge-gguf"}}
+    defs = build_definitions(parse_pipeline(d, base_dir=tmp_path), resources={
+        "model_store": ModelStoreResource(root=str(tmp_path / "store")), "hub": hub_res})
+    export_key = dg.AssetKey(["export", PIPE, "q"])
+    assets = [a for a in defs.assets if export_key not in getattr(a, "keys", ())]
+    assets.append(stand_in_gguf_export("q", "m", tmp_path / "art"))
+    with _instance(tmp_path) as inst:
+        assert dg.materialize(assets, resources=defs.resources, instance=inst).success
+        pub = inst.get_latest_materialization_event(dg.AssetKey(["published", PIPE, "q"])).asset_materialization
+        meta = {k: getattr(v, "value", v) for k, v in pub.metadata.items()}
+    assert meta["files"] == ["README.md", "m-q8_0.gguf"]
+    front = meta["card_front_matter"]
+    assert front["base_model"] == [REPO]  # the merge is published too: the export points at its repo
+    assert front["base_model_relation"] == "quantized" and front["library_name"] == "gguf"
+    assert front["tags"] == ["mergeline", "gguf", "q8_0"] and front["license"] == "apache-2.0"
+    assert "model-index" not in front
+    from huggingface_hub import snapshot_download
+    import gguf
+
+    snap = Path(snapshot_download("acme/tiny-merge-gguf", endpoint=hub.url, token=TOKEN,
+                                  cache_dir=str(tmp_path / "dl-cache")))
+    assert sorted(f.name for f in snap.iterdir()) == [".gitattributes", "README.md", "m-q8_0.gguf"]
+    assert (snap / "m-q8_0.gguf").read_bytes() == (tmp_path / "art" / "export" / "q" / "m-q8_0.gguf").read_bytes()
+    assert [t.name for t in gguf.GGUFReader(str(snap / "m-q8_0.gguf")).tensors] == ["token_embd.weight"]
+    assert read_front_matter((snap / "README.md").read_text()) == front
+
 
 def test_wrong_token_fails_clearly_without_leaking_it(hub_env):
     hub, sha, tmp_path = hub_env
