@@ -257,19 +257,19 @@ def build_publish_asset(bc: BuildContext, section: str, name: str, node: MergeSp
             if p is not None:
                 cards.append(Path(str(getattr(p, "value", p))))
         license = pub.license or default_license(cards)
+        bases = card_base_models(spec, section, name)
         if section == "merges":
             from .merges import engine_config
 
             config, title = engine_config(node), "Merge configuration"
             tags = [node.method, *pub.tags]
-            summary = f"A `{node.method}` merge of " + ", ".join(
-                f"`{b}`" for b in card_base_models(spec, section, name)) + "."
+            summary = f"A `{node.method}` merge of " + ", ".join(f"`{b}`" for b in bases) + "."
         else:
             config, title = node_config(node), "Export configuration"
             tags = [node.type, node.quant, *pub.tags]
-            summary = f"A {node.type} ({node.quant}) export of `{card_base_models(spec, section, name)[0]}`."
+            summary = f"A {node.type} ({node.quant}) export of `{bases[0]}`."
         text, front = build_model_card(
-            repo_id=pub.repo, relation=relation, base_models=card_base_models(spec, section, name), license=license,
+            repo_id=pub.repo, relation=relation, base_models=bases, license=license,
             license_name=pub.license_name, license_link=pub.license_link, tags=tags, config=config,
             config_title=title, summary=summary, eval_rows_=rows, pipeline=spec.name, node=name,
             content_sha256=art.data_version,
