@@ -191,6 +191,7 @@ def node_config(node: Any) -> dict[str, Any]:
     data = node.model_dump(mode="json", exclude_none=True, by_alias=True)
     for k in ("description", "owners", "tags", "code_version"):
         data.pop(k, None)
+    data.pop("publish", None)  # where it is published is not part of what is built (published/… assets use it)
     return data
 
 

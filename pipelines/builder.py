@@ -20,6 +20,7 @@ from assets.common import BuildContext
 from assets.datasets import build_dataset_asset
 from assets.finetunes import build_finetune_assets
 from assets.merges import build_merge_asset
+from assets.publish import build_publish_asset, publish_targets
 from pipelines.spec import PipelineSpec, as_spec, resolve_schedule_targets
 from resources.device import GpuResource
 
@@ -63,6 +64,8 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
         assets.append(build_finetune_assets(bc, name, node, FINETUNE_RETRY))
     for name, node in spec.merges.items():
         assets.append(build_merge_asset(bc, name, node, MERGE_RETRY))
+    for section, name, node in publish_targets(spec):  # published/<pipeline>/<name>: merges and exports
+        assets.append(build_publish_asset(bc, section, name, node))
 
     all_job = dg.define_asset_job(
         f"{spec.name}__all", selection=dg.AssetSelection.groups(bc.group),

@@ -274,6 +274,77 @@ class AdapterSpec(_Node):
         return self
 
 
+#: license identifiers the Hugging Face Hub accepts in a model card (anything else: ``other`` + ``license_name``)
+HUB_LICENSES = (
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0",
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0",
+    "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0",
+    "cdla-sharing-1.0", "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0",
+    "etalab-2.0", "eupl-1.1", "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1",
+    "lgpl-3.0", "isc", "h-research", "intel-research", "lppl-1.3c", "ms-pl", "apple-ascl", "apple-amlr", "mpl-2.0",
+    "odc-by", "odbl", "openrail++", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl",
+    "lgpl-lr", "deepfloyd-if-license", "fair-noncommercial-research-license", "llama2", "llama3", "llama3.1",
+    "llama3.2", "llama3.3", "llama4", "gemma", "unknown", "other",
+)
+HUB_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,99}$")
+GIT_BRANCH_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._\-/]{1,200}(?<![/.])$")
+
+
+class PublishSpec(_Strict):
+    """Push the artifact to a Hugging Face model repo (``create_repo`` + ``upload_folder``) with a model card, after
+    every blocking check upstream (eval thresholds) passed."""
+
+    repo: str = Field(description="owner/name of the model repo")
+    private: bool = True
+    license: str | None = Field(None, description="Hub license id; default: the inputs' common license, or 'other'")
+    license_name: str | None = None
+    license_link: str | None = None
+    branch: str = "main"
+    tags: list[str] = Field(default_factory=list)
+    commit_message: str | None = None
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v):
+        if not HUB_ID_RE.match(v):
+            raise ValueError(f"'{v}' is not a Hub repo id (owner/name)")
+        return v
+
+    @field_validator("license")
+    @classmethod
+    def _license(cls, v):
+        if v is not None and v not in HUB_LICENSES:
+            hint = difflib.get_close_matches(v.lower(), HUB_LICENSES, n=1)
+            raise ValueError(f"'{v}' is not a license id the Hub accepts" + (f" (did you mean '{hint[0]}'?)" if hint
+                                                                              else "")
+                             + "; use 'other' with license_name/license_link for a custom license")
+        return v
+
+    @field_validator("branch", mode="before")
+    @classmethod
+    def _branch(cls, v):
+        v = _coerce_str(v)
+        if isinstance(v, str) and (not GIT_BRANCH_RE.match(v) or v.startswith("refs/")):
+            raise ValueError(f"'{v}' is not a valid branch name")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v):
+        for t in v:
+            if not HUB_TAG_RE.match(t):
+                raise ValueError(f"tag '{t}' must be 1-100 letters, digits, '_', '.', ':', '+', '-' (no spaces)")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _custom_license(self):
+        if (self.license_name or self.license_link) and self.license not in (None, "other"):
+            raise ValueError("license_name/license_link only apply to license: other")
+        return self
+
+
 class MergeSpec(_Node):
     """A merge in MergeKit vocabulary. Model references are node names: a base model, a merge, a fine-tune or an
     adapter (applied to the base it was trained on), or ``model+adapter`` to apply an adapter/fine-tune's LoRA to
@@ -289,6 +360,7 @@ class MergeSpec(_Node):
     tokenizer_source: str | None = None
     chat_template: str | None = None
     seed: int = 0
+    publish: PublishSpec | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -322,6 +394,7 @@ class ExportSpec(_Node):
     type: Literal["gguf", "bnb", "safetensors"]
     quant: str | None = None
     push_to_hub: str | None = None
+    publish: PublishSpec | None = None
 
     @field_validator("quant")
     @classmethod
@@ -342,6 +415,15 @@ class ExportSpec(_Node):
         if v is not None and not HUB_ID_RE.match(v):
             raise ValueError(f"'{v}' is not a Hub repo id (owner/name)")
         return v
+
+    @model_validator(mode="after")
+    def _push_to_hub_shorthand(self):
+        """``push_to_hub: owner/name`` is short for ``publish: {repo: owner/name}``."""
+        if self.push_to_hub is not None:
+            if self.publish is not None:
+                raise ValueError("give 'publish' or its shorthand 'push_to_hub', not both")
+            self.publish = PublishSpec(repo=self.push_to_hub)
+        return self
 
     @model_validator(mode="after")
     def _default_quant(self):
@@ -555,6 +637,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
                       "schedules": ScheduleSpec}
     nested = {"toy": ToyModelSpec, "generated": GeneratedDatasetSpec, "models": ModelEntry, "slices": SliceSpec,
               "tasks": EvalTaskSpec}
+    nested["publish"] = PublishSpec
     from merge_ops.config import SliceSource
 
     nested_in_slice = {"sources": SliceSource}
@@ -702,6 +785,7 @@ class _Checker:
         for name in s.merges:
             self._merge(name)
         self._schedules()
+        self._publish()
         return self.errors, self.warnings
 
     # names, owners, tags ------------------------------------------------------------------------------------------
@@ -1033,6 +1117,26 @@ class _Checker:
                          + _did_you_mean(t, list(all_nodes) + self._model_names(MODEL_SECTIONS) + list(s.datasets)))
 
 
+def _publish_check(checker: "_Checker") -> None:
+    """Two nodes must not publish to the same repo and branch (the second upload would silently replace the first)."""
+    seen: dict[tuple[str, str], str] = {}
+    for sec in ("merges", "exports"):
+        for name, node in getattr(checker.s, sec).items():
+            pub = getattr(node, "publish", None)
+            if pub is None:
+                continue
+            where = f"{sec}.{name}." + ("push_to_hub" if getattr(node, "push_to_hub", None) else "publish.repo")
+            key = (pub.repo.lower(), pub.branch)
+            if key in seen:
+                checker.err(f"{where}: '{pub.repo}' (branch '{pub.branch}') is also published by {seen[key]}; "
+                            f"publish each model to its own repo or branch")
+            else:
+                seen[key] = f"{sec}.{name}"
+
+
+_Checker._publish = _publish_check  # type: ignore[attr-defined]
+
+
 def _config_facts(cfg: Path | dict, arch: str | None) -> tuple[str | None, int | None]:
     try:
         conf = cfg if isinstance(cfg, dict) else json.loads(Path(cfg).read_text())
@@ -1103,6 +1207,14 @@ def pipeline_outline(spec: PipelineSpec) -> list[str]:
         out.append(f"export {name}: {x.type} {x.quant} of {x.model} (validated; no asset yet)")
     for name, e in spec.evals.items():
         out.append(f"eval {name}: {', '.join(e.task_names())} on {e.model} (validated; no asset yet)")
+    for sec in ("merges", "exports"):
+        for name, node in getattr(spec, sec).items():
+            pub = getattr(node, "publish", None)
+            if pub is not None:
+                gates = [e for e, ev in spec.evals.items() if ev.model == (name if sec == "merges" else node.model)]
+                out.append(f"published/{p}/{name}  <- Hub repo {pub.repo} (branch {pub.branch}, "
+                           f"{'private' if pub.private else 'public'})"
+                           + (f", gated by evals {', '.join(gates)}" if gates else ""))
     for name, sc in spec.schedules.items():
         out.append(f"schedule {name}: '{sc.cron}' ({sc.timezone}) -> {', '.join(sc.targets)}"
                    + (" and upstream" if sc.upstream and "*" not in sc.targets else ""))

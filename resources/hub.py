@@ -1,7 +1,8 @@
 """The Hugging Face Hub resource: snapshot downloads at pinned revisions, with offline mode and clear errors.
 
-The token is read from the environment variable named by ``token_env_var`` when a download runs; it is never stored
-in the resource config, in metadata or in logs.
+The token is read from the environment variable named by ``token_env_var`` when a download runs, or given as
+``token=dg.EnvVar("HF_TOKEN")`` (resolved in the step, shown as the variable's name in the UI); it is never put in
+metadata, logs or error messages. :meth:`HubResource.publish_folder` pushes a folder to a model repo (publishing).
 """
 
 from __future__ import annotations
@@ -22,9 +23,22 @@ class HubResource(dg.ConfigurableResource):
     endpoint: str | None = Field(None, description="Hub endpoint (default https://huggingface.co or $HF_ENDPOINT)")
     offline: bool = Field(False, description="never touch the network; only the local Hugging Face cache")
     cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME's)")
+    token: str | None = Field(None, repr=False, description="Hub token; give it as dg.EnvVar('HF_TOKEN') so that "
+                                                            "the value never appears in the run config (default: "
+                                                            "the variable named by token_env_var)")
 
     def _token(self) -> str | None:
-        return os.environ.get(self.token_env_var) or None
+        return self.token or os.environ.get(self.token_env_var) or None
+
+    def publish_folder(self, folder: str | Path, repo_id: str, *, private: bool = True, revision: str = "main",
+                       commit_message: str | None = None) -> dict:
+        """Create ``repo_id`` (a model repo) if needed and upload every file of ``folder`` to branch ``revision``
+        (created from ``main`` if missing) in one commit. Returns ``{repo_id, commit_sha, url, files, private}``.
+        Errors are :class:`HubError` naming the repo and what to do, never containing the token."""
+        from .hub_publish import publish_folder
+
+        return publish_folder(self, Path(folder), repo_id, private=private, revision=revision,
+                              commit_message=commit_message)
 
     def is_offline(self) -> bool:
         env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
