@@ -47,6 +47,8 @@ class Checkpoint:
     weight_files: list[Path]
     converted_from_pickle: bool = False
     _tmpdir: Any = field(default=None, repr=False)
+    #: set when the directory was a bitsandbytes 4-bit checkpoint read as float32, e.g. "nf4 → float32 (14 weights)"
+    dequantized: str | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False, label: str | None = None) -> "Checkpoint":
@@ -91,7 +93,13 @@ class Checkpoint:
                 tensors[name] = info
         if not tensors:
             raise InputError(f"{who}: the weight files hold no tensors")
-        return cls(path, config, tensors, files, converted, tmp)
+        dequantized = None
+        from . import bnb_dequant
+
+        if bnb_dequant.is_bnb_4bit(config, tensors):
+            tmp = tmp or tempfile.TemporaryDirectory(prefix="mergeline-bnb-dequant-")
+            tensors, config, dequantized = bnb_dequant.dequantize_checkpoint(tensors, config, Path(tmp.name), who)
+        return cls(path, config, tensors, files, converted, tmp, dequantized)
 
     # -- convenience -------------------------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
