@@ -59,6 +59,7 @@ class BnbExportOptions(BaseModel):
     blocksize: Literal[64, 128, 256, 512, 1024, 2048, 4096] = 64
     skip_modules: list[str] = Field(default_factory=list, description="extra module names to keep unquantized")
     shard_size: int = 5 * 10**9
+    device: str = Field("cpu", description="where quantize_4bit runs: cpu (bitsandbytes' CPU backend) or cuda[:N]")
 
     @classmethod
     def coerce(cls, quant: str | None = None, **kw: Any) -> "BnbExportOptions":
@@ -305,6 +306,8 @@ def export_bnb(model_dir: str | Path, out_dir: str | Path, quant: str = "nf4", *
                 for it in group:
                     if it.quantize:
                         w = read_tensor(it.source)
+                        if opts.device != "cpu":
+                            w = w.to(opts.device)
                         for p, t in zip(it.parts, quantize_weight(w, opts, it.parts)):
                             sw.write(p.name, t)
                         del w

@@ -322,6 +322,8 @@ class ExportSpec(_Node):
     type: Literal["gguf", "bnb", "safetensors"]
     quant: str | None = None
     push_to_hub: str | None = None
+    fidelity: bool = Field(True, description="measure logit fidelity against the unquantized model on a fixed "
+                                              "prompt set (loads both models whole: turn off for very large models)")
 
     @field_validator("quant")
     @classmethod
