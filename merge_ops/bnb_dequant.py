@@ -69,6 +69,10 @@ def is_bnb_4bit(config: dict[str, Any], tensor_names) -> bool:
             raise UnsupportedError("bitsandbytes 8-bit (LLM.int8) checkpoints cannot be merge inputs; use the 16-bit "
                                    "original model")
         return True
+    if isinstance(qc, dict) and qc.get("quant_method"):
+        raise UnsupportedError(f"the model is quantized with '{qc.get('quant_method')}' (config.json "
+                               f"quantization_config); mergeline reads only bitsandbytes 4-bit checkpoints: use the "
+                               f"16-bit original model")
     return any(QS_MARK in n for n in tensor_names)
 
 
