@@ -126,6 +126,23 @@ def test_cli_export_bnb(tmp_path, capsys):
     assert main(["export-bnb", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
 
 
+def test_skip_modules_stay_unquantized_and_load(tmp_path):
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_llama(tmp_path / "base", seed=8, hidden=64, tokenizer=False)
+    res = export_bnb(base, tmp_path / "out", "nf4", skip_modules=["down_proj"])
+    assert res.quantized_tensors == 12
+    qc = json.loads((res.path / "config.json").read_text())["quantization_config"]
+    # an explicit list replaces transformers' default skips, so it must name lm_head too
+    assert {"down_proj", "lm_head"} <= set(qc["llm_int8_skip_modules"])
+    m = AutoModelForCausalLM.from_pretrained(str(res.path), device_map="cpu")
+    layer = m.model.layers[0]
+    assert type(layer.mlp.down_proj) is torch.nn.Linear and isinstance(layer.mlp.up_proj, Linear4bit)
+    with torch.no_grad():
+        assert torch.isfinite(m(IDS).logits).all()
+
+
 RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path

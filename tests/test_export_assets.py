@@ -137,3 +137,39 @@ def test_unsupported_quant_fails_without_retries(tmp_path):
     assert len(failures) == 1 and "exports.a_int8" in str(failures[0].event_specific_data.error)
     assert "int8" in str(failures[0].event_specific_data.error)
     assert not [e for e in res.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+@pytest.mark.heavy
+def test_finetune_export_is_base_plus_lora_quantized(tmp_path):
+    """A fine-tune's export = its LoRA merged into its base (streamed), then quantized: bit-identical to doing the
+    two steps by hand with the engine and the exporter."""
+    from merge_ops.api import MergeOptions, merge_lora
+    from merge_ops.bnb_export import export_bnb
+
+    d = _pipeline(
+        datasets={"ds": {"inline": [{"text": f"the quick brown fox {i}"} for i in range(16)]}},
+        finetunes={"ft": {"base": "a", "dataset": "ds", "max_steps": 2, "r": 4, "alpha": 8, "batch_size": 8,
+                          "backend": "peft", "target_modules": ["q_proj", "v_proj", "down_proj"]}},
+    )
+    d["merges"] = {}
+    d["exports"] = {"ft_nf4": {"model": "ft", "type": "bnb", "quant": "nf4"}}
+    defs = _graph(d, tmp_path)
+    inst = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(list(defs.assets), resources=defs.resources, instance=inst).success
+    meta, _ = _meta(inst, K("export", "exp", "ft_nf4"))
+    assert set(meta["input_data_versions"]) == {"base_model/exp/a", "lora/exp/ft"}
+    assert 0 < meta["max_abs_logit_diff"] and meta["top1_agreement"] > 0.3
+    base = Path(str(_meta(inst, K("base_model", "exp", "a"))[0]["path"]))
+    lora = Path(str(_meta(inst, K("lora", "exp", "ft"))[0]["path"]))
+    merge_lora(base, lora, tmp_path / "by_hand", MergeOptions(device="cpu"))
+    export_bnb(tmp_path / "by_hand", tmp_path / "by_hand_nf4", "nf4")
+    from safetensors.torch import load_file
+
+    got = load_file(str(next(Path(str(meta["path"])).glob("*.safetensors"))))
+    want = load_file(str(next((tmp_path / "by_hand_nf4").glob("*.safetensors"))))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
+    # and the LoRA changed the quantized weights (the fine-tune is really in the export)
+    plain = tmp_path / "plain_nf4"
+    export_bnb(base, plain, "nf4")
+    base_q = load_file(str(next(plain.glob("*.safetensors"))))
+    assert not torch.equal(base_q["model.layers.0.self_attn.q_proj.weight"], got["model.layers.0.self_attn.q_proj.weight"])
