@@ -36,9 +36,10 @@ def export_dep_keys(bc: BuildContext, node: ExportSpec) -> tuple[list[dg.AssetKe
 
 
 def _weight_bytes(model_dir: Path) -> int:
-    from merge_ops.checkpoint import Checkpoint
+    """Tensor bytes of a model directory, from the safetensors headers only."""
+    from merge_ops.safetensors_io import read_header
 
-    return sum(t.nbytes for t in Checkpoint.open(model_dir).tensors.values())
+    return sum(t.nbytes for f in sorted(Path(model_dir).glob("*.safetensors")) for t in read_header(f)[0].values())
 
 
 def _run_export(node: ExportSpec, name: str, src: Path, staged: Path, gpu: GpuResource) -> dict[str, Any]:

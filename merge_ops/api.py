@@ -149,6 +149,8 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             progress(done[0], total)
 
     with atomic_output_dir(output_dir) as tmp:
+        for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
+            src.checkpoint.materialize()
         Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
                  fsync=options.fsync).run(tmp, shards)
         index = {"metadata": {"total_size": plan.total_bytes},

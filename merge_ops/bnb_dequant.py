@@ -3,9 +3,10 @@
 A pre-quantized bnb checkpoint stores each quantized Linear weight ``W`` as packed uint8 codes plus its quant state
 (``W.absmax``, ``W.quant_map``, optionally ``W.nested_absmax``/``W.nested_quant_map`` for double quantization, and
 ``W.quant_state.bitsandbytes__nf4|fp4``, a JSON blob with the original shape and dtype). The merge engine needs plain
-float tensors, so :func:`dequantize_checkpoint` writes every quantized weight, dequantized to float32, into one
-temporary safetensors file (one weight in memory at a time) and returns tensor infos in which ``W`` points there (with
-its real shape) and the quant-state tensors are gone. Unquantized tensors (embeddings, norms, lm_head) keep pointing at
+float tensors, so :func:`dequantize_checkpoint` lays out one temporary safetensors file holding every quantized weight
+dequantized to float32 and returns tensor infos in which ``W`` points there (with its real shape) and the quant-state
+tensors are gone; the file is written (one weight in memory at a time) only when the merge is about to run
+(``Checkpoint.materialize``), so planning and validation stay header-only. Unquantized tensors (embeddings, norms, lm_head) keep pointing at
 the original files. Everything is validated from the headers and the small quant-state blobs first, so a broken
 quant state is reported (file and tensor named) before any weight is dequantized.
 
@@ -183,33 +184,60 @@ def dequantize(q: QuantWeight) -> torch.Tensor:
     return out.reshape(q.shape).contiguous()
 
 
-def dequantize_checkpoint(tensors: dict[str, TensorInfo], config: dict[str, Any], tmpdir: Path, who: str
-                          ) -> tuple[dict[str, TensorInfo], dict[str, Any], str]:
-    """Dequantize every 4-bit weight to float32 into ``tmpdir``; returns (tensor infos as the engine should see them,
-    config without ``quantization_config``, a description such as ``"nf4 → float32"``)."""
-    from .safetensors_io import read_header
+class PendingDequant:
+    """The temporary float32 file of a 4-bit checkpoint, laid out (so tensor infos can point into it) but written
+    only when :meth:`materialize` is first called: planning a merge (``--dry-run``, every validation) reads no
+    4-bit weight; the merge materializes its sources right before executing."""
 
+    METADATA = {"format": "pt", "mergeline": "bnb 4-bit dequantized to float32"}
+
+    def __init__(self, weights: list[QuantWeight], path: Path):
+        self.weights = weights
+        self.path = path
+        self.planned = [PlannedTensor(q.name, "F32", q.shape) for q in weights]
+        self.done = False
+
+    def infos(self) -> dict[str, TensorInfo]:
+        from .safetensors_io import build_header
+
+        header, offsets = build_header(self.planned, self.METADATA)
+        return {t.name: TensorInfo(t.name, "F32", t.shape, self.path, len(header) + offsets[t.name], t.nbytes)
+                for t in self.planned}
+
+    def materialize(self) -> None:
+        """Dequantize every weight (one at a time) into the file; idempotent."""
+        if self.done:
+            return
+        sw = ShardStreamWriter(self.path, self.planned, self.METADATA)
+        try:
+            for q in self.weights:
+                sw.write(q.name, dequantize(q))
+            sw.close()
+        except BaseException:
+            sw.abort()
+            self.path.unlink(missing_ok=True)
+            raise
+        self.done = True
+
+
+def dequantize_checkpoint(tensors: dict[str, TensorInfo], config: dict[str, Any], tmpdir: Path, who: str
+                          ) -> tuple[dict[str, TensorInfo], dict[str, Any], str, PendingDequant]:
+    """Plan the float32 view of a 4-bit checkpoint: returns (tensor infos as the engine should see them — 4-bit
+    weights as F32 tensors in ``tmpdir``, their quant-state tensors gone —, config without ``quantization_config``,
+    a description such as ``"nf4 → float32 (14 weights)"``, the pending writer of the float32 file).
+
+    Every quant state is validated here; nothing is dequantized until ``PendingDequant.materialize()``."""
     qws = find_quant_weights(tensors, who)
-    path = tmpdir / "dequantized-float32.safetensors"
-    planned = [PlannedTensor(q.name, "F32", q.shape) for q in qws]
-    sw = ShardStreamWriter(path, planned, {"format": "pt", "mergeline": "bnb 4-bit dequantized to float32"})
-    try:
-        for q in qws:
-            sw.write(q.name, dequantize(q))
-        sw.close()
-    except BaseException:
-        sw.abort()
-        raise
-    new_infos, _ = read_header(path)
+    pending = PendingDequant(qws, tmpdir / "dequantized-float32.safetensors")
     drop = {n for q in qws for n in q.part_names()}
     out = {n: i for n, i in tensors.items() if n not in drop}
-    out.update(new_infos)
+    out.update(pending.infos())
     conf = {k: v for k, v in config.items() if k != "quantization_config"}
     dtypes = {q.dtype for q in qws}
     if len(dtypes) == 1 and dtypes & {"float16", "bfloat16", "float32"}:
         conf.setdefault("dtype", next(iter(dtypes)))
     kinds = sorted({q.quant_type + ("+double-quant" if q.nested_absmax is not None else "") for q in qws})
-    return out, conf, f"{'/'.join(kinds)} → float32 ({len(qws)} weights)"
+    return out, conf, f"{'/'.join(kinds)} → float32 ({len(qws)} weights)", pending
 
 
 # -- what the manifest says about 4-bit inputs ----------------------------------------------------------------------

@@ -284,6 +284,7 @@ def export_bnb(model_dir: str | Path, out_dir: str | Path, quant: str = "nf4", *
     if ckpt.dequantized:
         notes.append(f"input was a bnb 4-bit checkpoint ({ckpt.dequantized}); re-quantized from the dequantized weights")
     items = _plan(ckpt, linear, opts)
+    ckpt.materialize()  # a 4-bit input: its float32 view
     n_q = sum(it.quantize for it in items)
     if n_q == 0:
         raise InputError(f"{model_dir}: no tensor to quantize (no nn.Linear weight found that bitsandbytes 4-bit would "

@@ -137,6 +137,19 @@ def test_merge_with_a_4bit_input_matches_the_oracle(family, tmp_path):
     assert torch.isfinite(m(IDS).logits).all()
 
 
+def test_planning_reads_no_4bit_weight(family, tmp_path):
+    """Validation and --dry-run stay header-only: the float32 view is written only when the merge runs."""
+    cfg = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(family["nf4"]), "parameters": {"weight": 0.5}},
+                      {"model": str(family["ft"]), "parameters": {"weight": 0.5}}]}
+    plan = plan_merge(cfg)
+    ck = plan.sources[0].checkpoint
+    assert ck.dequantized and ck.tensors[W].dtype == "F32" and ck.tensors[W].shape == (64, 64)
+    assert not ck._pending.path.exists()
+    ck.read(W)  # any read materializes it
+    assert ck._pending.done and ck._pending.path.is_file()
+
+
 def _lora_oracle(base_sd: dict[str, torch.Tensor], lora_dir: Path, scale: float) -> dict[str, torch.Tensor]:
     ad = load_file(str(lora_dir / "adapter_model.safetensors"))
     out = dict(base_sd)
