@@ -124,6 +124,22 @@ def test_cli_export_bnb(tmp_path, capsys):
     assert qc["bnb_4bit_quant_type"] == "fp4" and qc["bnb_4bit_use_double_quant"] is True
     assert "exported 14/21 weights to fp4" in capsys.readouterr().out
     assert main(["export-bnb", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
+    # merge-lora straight to a 4-bit checkpoint
+    from pipelines.toy_models import save_lora_adapter
+
+    lora = save_lora_adapter(base, tmp_path / "lora", seed=1, r=2, alpha=4, targets=("q_proj",))
+    assert main(["merge-lora", str(base), str(lora), str(tmp_path / "m4"), "--out-quant", "nf4", "--no-progress",
+                 "--device", "cpu"]) == 0
+    man = json.loads((tmp_path / "m4" / "mergeline.json").read_text())
+    assert man["kind"] == "export" and man["merge"]["kind"] == "finetune" and man["requantized"].endswith("nf4")
+
+
+def test_gguf_loader_missing_file_is_a_clear_error(tmp_path):
+    from merge_ops.errors import InputError
+    from merge_ops.fidelity import gguf_loader
+
+    with pytest.raises(InputError, match="does not exist"):
+        gguf_loader(tmp_path / "nope.gguf")()
 
 
 def test_skip_modules_stay_unquantized_and_load(tmp_path):
