@@ -23,6 +23,7 @@ from .config import MergeConfig, load_config, parse_config
 from .device import describe, resolve_device, use_all_cores
 from .errors import ConfigError
 from .executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS, Executor, layout_shards
+from .bnb_dequant import quant_manifest
 from .hashing import sha256_files
 from .manifest import library_versions, model_card, write_manifest
 from .output_dir import atomic_output_dir
@@ -48,6 +49,15 @@ class MergeOptions(BaseModel):
     hash_inputs: bool = True
     copy_tokenizer: bool = True
     fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
+    out_quant: str | None = Field(default=None, description="nf4 or fp4: quantize the merge result to a bitsandbytes "
+                                                            "4-bit checkpoint (merge_ops.bnb_export)")
+
+    @field_validator("out_quant")
+    @classmethod
+    def _oq(cls, v):
+        if v is not None and v.lower() not in ("nf4", "fp4"):
+            raise ValueError("out_quant must be nf4 or fp4")
+        return v.lower() if v else v
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -107,6 +117,9 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
           sources: dict[str, ModelSource] | None = None) -> MergeResult:
     """Merge models as the config says and write a complete Hugging Face model directory to ``output_dir``."""
     options = options or MergeOptions()
+    if options.out_quant:
+        return _merge_then_quantize(config, output_dir, options, progress=progress, relation=relation,
+                                    sources=sources)
     start = time.perf_counter()
     cfg, _ = _as_config(config)
     use_all_cores()
@@ -136,6 +149,8 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             progress(done[0], total)
 
     with atomic_output_dir(output_dir) as tmp:
+        for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
+            src.checkpoint.materialize()
         Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
                  fsync=options.fsync).run(tmp, shards)
         index = {"metadata": {"total_size": plan.total_bytes},
@@ -166,6 +181,7 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             "tensors": len(plan.tensors),
             "total_bytes": plan.total_bytes,
             "warnings": plan.warnings,
+            **quant_manifest(plan.sources),
             "versions": library_versions(),
             "seconds": round(seconds, 3),
         }
@@ -176,6 +192,31 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
         (tmp / "README.md").write_text(model_card(bases, relation, yaml.safe_dump(config_dump, sort_keys=False), summary))
     return MergeResult(Path(output_dir), len(plan.tensors), plan.total_bytes, time.perf_counter() - start,
                        peak_rss_bytes(), describe(device), [s.filename for s in shards], plan.warnings, manifest)
+
+
+def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, **kw: Any) -> MergeResult:
+    """``out_quant``: merge into a hidden float directory next to the target, then stream it through the bnb 4-bit
+    exporter into ``output_dir`` (atomic as ever); the manifest keeps the merge's and records the requantization."""
+    import tempfile
+
+    from .bnb_export import export_bnb
+
+    target = Path(output_dir).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    inner = options.model_copy(update={"out_quant": None})
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.float-", dir=target.parent) as td:
+        res = merge(config, Path(td) / "merged", inner, **kw)
+        ex = export_bnb(Path(td) / "merged", target, options.out_quant,
+                        extra_manifest={"merge": res.manifest,
+                                        "requantized": f"merge output ({res.manifest.get('config', {}).get('dtype') or 'source dtype'}) → {options.out_quant}",
+                                        **{k: res.manifest[k] for k in ("dequantized", "adapter_bases") if k in res.manifest}})
+    res.output_dir = Path(output_dir)
+    res.manifest = ex.manifest
+    res.shards = list(ex.shards)
+    res.bytes = ex.bytes
+    res.seconds = res.seconds + ex.seconds
+    res.peak_rss_bytes = peak_rss_bytes()
+    return res
 
 
 def merge_lora(base: str | Path, adapter: str | Path, output_dir: str | Path, options: MergeOptions | None = None,

@@ -47,6 +47,9 @@ class Checkpoint:
     weight_files: list[Path]
     converted_from_pickle: bool = False
     _tmpdir: Any = field(default=None, repr=False)
+    #: set when the directory was a bitsandbytes 4-bit checkpoint read as float32, e.g. "nf4 → float32 (14 weights)"
+    dequantized: str | None = None
+    _pending: Any = field(default=None, repr=False)  # bnb_dequant.PendingDequant until materialized
 
     @classmethod
     def open(cls, path: str | Path, *, allow_pickle: bool = False, label: str | None = None) -> "Checkpoint":
@@ -91,10 +94,24 @@ class Checkpoint:
                 tensors[name] = info
         if not tensors:
             raise InputError(f"{who}: the weight files hold no tensors")
-        return cls(path, config, tensors, files, converted, tmp)
+        dequantized = pending = None
+        from . import bnb_dequant
+
+        if bnb_dequant.is_bnb_4bit(config, tensors):
+            tmp = tmp or tempfile.TemporaryDirectory(prefix="mergeline-bnb-dequant-")
+            tensors, config, dequantized, pending = bnb_dequant.dequantize_checkpoint(tensors, config,
+                                                                                      Path(tmp.name), who)
+        return cls(path, config, tensors, files, converted, tmp, dequantized, pending)
+
+    def materialize(self) -> None:
+        """Write what tensor infos point to but is not on disk yet (a 4-bit checkpoint's float32 view). Call before
+        reading tensor bytes; planning needs only the infos."""
+        if self._pending is not None:
+            self._pending.materialize()
 
     # -- convenience -------------------------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
+        self.materialize()
         return read_rows(self.tensors[name])
 
     @property

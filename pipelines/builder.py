@@ -18,6 +18,7 @@ from assets.adapters import build_adapter_asset
 from assets.base_models import build_base_model_asset
 from assets.common import BuildContext
 from assets.datasets import build_dataset_asset
+from assets.exports import build_export_asset
 from assets.finetunes import build_finetune_assets
 from assets.merges import build_merge_asset
 from assets.publish import build_publish_asset, publish_targets
@@ -41,6 +42,8 @@ def node_keys(bc: BuildContext, section: str, name: str) -> list[dg.AssetKey]:
         return [bc.key("lora", name)]
     if section == "merges":
         return [bc.key("merged", name)]
+    if section == "exports":
+        return [bc.key("export", name)]
     return []
 
 
@@ -64,6 +67,8 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
         assets.append(build_finetune_assets(bc, name, node, FINETUNE_RETRY))
     for name, node in spec.merges.items():
         assets.append(build_merge_asset(bc, name, node, MERGE_RETRY))
+    for name, node in spec.exports.items():
+        assets.append(build_export_asset(bc, name, node, MERGE_RETRY))
     for section, name, node in publish_targets(spec):  # published/<pipeline>/<name>: merges and exports
         assets.append(build_publish_asset(bc, section, name, node))
 

@@ -44,6 +44,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="precision of the arithmetic (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--fsync", action="store_true", help="fsync the output shards before publishing (slower, durable)")
+    p.add_argument("--out-quant", choices=["nf4", "fp4"], default=None,
+                   help="write the result as a bitsandbytes 4-bit checkpoint (needs bitsandbytes)")
 
 
 def _options(args: argparse.Namespace):
@@ -51,7 +53,7 @@ def _options(args: argparse.Namespace):
 
     return MergeOptions(device=args.device, seed=getattr(args, "seed", 0), shard_size=args.shard_size,
                         allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype,
-                        fsync=args.fsync)
+                        fsync=args.fsync, out_quant=getattr(args, "out_quant", None))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -87,6 +89,23 @@ def cmd_merge_lora(args: argparse.Namespace) -> int:
                             out_dtype=args.dtype)
     finally:
         close()
+    print(result.summary())
+    return 0
+
+
+def cmd_export_bnb(args: argparse.Namespace) -> int:
+    """Quantize a safetensors checkpoint to a bitsandbytes 4-bit checkpoint (loads with from_pretrained)."""
+    from merge_ops.bnb_export import export_bnb
+
+    update, close = _progress_bar(sys.stderr.isatty() and not args.no_progress)
+    try:
+        result = export_bnb(args.model_dir, args.output_dir, args.quant, double_quant=args.double_quant,
+                            compute_dtype=args.compute_dtype, blocksize=args.blocksize, shard_size=args.shard_size,
+                            skip_modules=args.skip_module or [], progress=update)
+    finally:
+        close()
+    for n in result.notes:
+        print(f"note: {n}", file=sys.stderr)
     print(result.summary())
     return 0
 
@@ -144,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output dtype (default: the base's)")
     _add_run_options(p)
     p.set_defaults(func=cmd_merge_lora)
+
+    p = sub.add_parser("export-bnb", help="quantize a model to a bitsandbytes 4-bit (NF4/FP4) HF checkpoint")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--quant", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--double-quant", action="store_true", help="also quantize the absmax statistics")
+    p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="bnb_4bit_compute_dtype written to the config (default: the model's dtype)")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--skip-module", action="append", help="keep this module unquantized (repeatable)")
+    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_export_bnb)
 
     p = sub.add_parser("methods", help="list merge methods and their parameters")
     p.set_defaults(func=cmd_methods)

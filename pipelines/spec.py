@@ -395,6 +395,8 @@ class ExportSpec(_Node):
     quant: str | None = None
     push_to_hub: str | None = None
     publish: PublishSpec | None = None
+    fidelity: bool = Field(True, description="measure logit fidelity against the unquantized model on a fixed "
+                                              "prompt set (loads both models whole: turn off for very large models)")
 
     @field_validator("quant")
     @classmethod
