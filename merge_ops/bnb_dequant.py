@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from .lazy_torch import torch
 
 from .errors import InputError, UnsupportedError
 from .safetensors_io import PlannedTensor, ShardStreamWriter, TensorInfo, read_tensor

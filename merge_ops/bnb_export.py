@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import torch
+from .lazy_torch import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import Checkpoint

@@ -282,51 +282,60 @@ class Executor:
     def _lora_fast(self, ot: OutputTensor):
         """``(source, A, B, s)`` when output tensor ``ot`` is a base tensor plus a plain LoRA update that the numpy
         path computes (CPU, bf16/f32 in and out, 2-D, no DoRA/embedding/Conv1D), else None."""
-        if ot.task is not None or ot.copy_from is None or self.device.type != "cpu" or len(ot.shape) != 2 or \
+        if ot.task is not None or ot.copy_from is None or self.device.type != "cpu" or not ot.shape or \
                 ot.dtype not in ("BF16", "F32"):
             return None
         from .kernels import HAVE_NUMBA
 
         src = self.plan.sources[ot.copy_from.source]
         name = ot.copy_from.tensor
-        if not HAVE_NUMBA or src.unchanged(name) or src.info(name).dtype not in ("BF16", "F32"):
+        if not HAVE_NUMBA or src.info(name).dtype not in ("BF16", "F32"):
             return None
-        upd = src.adapter.plain_update(name)
+        if src.unchanged(name):  # a cast only (a raw copy when the dtype stays: see run())
+            return (src, None, None, None) if src.info(name).dtype != ot.dtype else None
+        upd = src.adapter.plain_update(name) if len(ot.shape) == 2 else None
         return None if upd is None else (src, *upd)
 
     def _tensor_lora(self, ot: OutputTensor, fast, emit: Callable) -> None:
-        """Rows of ``W + s·(B @ A)``: PEFT's operation order (product, scale, add), float32, rounded once to the
-        output dtype. Base rows come memory-mapped and are unmapped after each block."""
+        """Rows of ``W + s·(B @ A)`` (or of ``W`` alone: a cast): PEFT's operation order (product, scale, add),
+        float32, rounded once to the output dtype. Base rows come memory-mapped; every output block is a fresh array
+        computed before its rows are unmapped."""
         from .kernels import bf16_to_f32, f32_to_bf16
 
         src, A, B, s = fast
         info = src.info(ot.copy_from.tensor)
-        cols = ot.shape[1]
+        row = math.prod(ot.shape[1:])
         for r0, r1 in chunk_ranges(ot.shape, self.chunk_elements):
+            n = (r1 - r0) * row
             arr, mm = map_rows(info, r0, r1)
             try:
-                n = (r1 - r0) * cols
-                if info.dtype == "BF16":
-                    w = np.empty(n, dtype=np.float32)
-                    bf16_to_f32(arr, w)
+                if A is None and info.dtype == "F32":  # float32 → bf16
+                    out = np.empty(n, dtype=np.uint16)
+                    f32_to_bf16(arr.view(np.float32), out)
+                elif A is None:  # bf16 → float32
+                    out = np.empty(n, dtype=np.float32)
+                    bf16_to_f32(arr, out)
                 else:
-                    w = arr.view(np.float32)
-                delta = np.matmul(B[r0:r1], A)
-                delta *= np.float32(s)
-                delta += w.reshape(r1 - r0, cols)
+                    if info.dtype == "BF16":
+                        w = np.empty(n, dtype=np.float32)
+                        bf16_to_f32(arr, w)
+                    else:
+                        w = arr.view(np.float32)
+                    delta = np.matmul(B[r0:r1], A)
+                    delta *= np.float32(s)
+                    delta += w.reshape(r1 - r0, row)
+                    del w
+                    out = delta.reshape(-1)
+                    if ot.dtype == "BF16":
+                        out = np.empty(n, dtype=np.uint16)
+                        f32_to_bf16(delta.reshape(-1), out)
             finally:
-                del arr, w
+                del arr
                 try:
                     mm.close()
-                except BufferError:
+                except BufferError:  # still referenced (e.g. by a traceback): unmapped when collected
                     pass
-            flat = delta.reshape(-1)
-            if ot.dtype == "BF16":
-                out = np.empty(n, dtype=np.uint16)
-                f32_to_bf16(flat, out)
-                emit(out)
-            else:
-                emit(flat)
+            emit(out)
 
     # -- whole run ---------------------------------------------------------------------------------------------------
     def needs_torch(self) -> bool:
