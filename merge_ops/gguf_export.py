@@ -8,9 +8,10 @@ Peak memory is a few chunks, independent of model and tensor size. The sha256 of
 bytes as they are written. Everything goes to a hidden temporary file in the output directory that is renamed over
 the target only when complete, so an interrupted export leaves nothing behind.
 
-Types: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 are written in-process (``gguf``'s reference quantizers).
-k-quants (q2_k … q6_k, q4_k_m, q5_k_m) need the optional ``llama-cpp-python`` package: an F32/F16/BF16 GGUF is
-written first (lossless for the source dtype) and llama.cpp's own ``llama_model_quantize`` turns it into the mix.
+Types written in-process: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (``gguf``'s reference quantizers) and the
+k-quant mixes q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (:mod:`merge_ops.gguf_kquants`). q2_k and q3_k_s/m/l need the
+optional ``llama-cpp-python`` package: an F32/F16/BF16 GGUF is written first (lossless for the source dtype) and
+llama.cpp's own ``llama_model_quantize`` turns it into the mix.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from .gguf_arch import (
     SKIP_SUFFIXES, Family, HParams, check_rope_scaling, detect_family, gguf_tensor_name, llama3_rope_factors,
     qk_heads, read_hparams, supported_families, write_hparams,
 )
-from .gguf_quant import ALL_QUANTS, BASE_QUANTS, K_QUANTS, choose_type, encode_rows, tensor_nbytes
+from .gguf_quant import (
+    ALL_QUANTS, IN_PROCESS, LLAMA_CPP_QUANTS, choose_type, encode_rows, file_type, tensor_nbytes,
+)
 from .gguf_tokenizer import TokenizerExportError, read_tokenizer
 from .safetensors_io import TensorInfo, read_rows
 
@@ -102,6 +105,7 @@ def _plan(ckpt: Checkpoint, family: Family, hp: HParams, quant: str, notes: list
     unknown: list[str] = []
     seen: dict[str, str] = {}
     has_lm_head = "lm_head.weight" in ckpt.tensors
+    has_output = has_lm_head and not hp.tie_embeddings
     for hf_name, info in ckpt.tensors.items():
         if hf_name.endswith(SKIP_SUFFIXES):
             continue
@@ -124,7 +128,7 @@ def _plan(ckpt: Checkpoint, family: Family, hp: HParams, quant: str, notes: list
             if shape[0] != heads * hp.head_dim or hp.head_dim % 2:
                 raise GgufExportError(f"{ckpt.path}: tensor '{hf_name}' has {shape[0]} rows, expected {heads} heads × "
                                       f"{hp.head_dim} (even head size) from config.json")
-        choice = choose_type(quant, gname, shape)
+        choice = choose_type(quant, gname, shape, hp.n_layers, has_output)
         if choice.note:
             notes.append(choice.note)
         plan.append(_Planned(gname, choice.ggml_type, shape, tensor_nbytes(choice.ggml_type, shape), info,
@@ -202,7 +206,7 @@ def _write_gguf(tmp: Path, ckpt: Checkpoint, family: Family, hp: HParams, tokeni
     arch_name = gguf.MODEL_ARCH_NAMES[family.arch]
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     writer.add_name(ckpt.path.name)
-    writer.add_file_type(int(BASE_QUANTS[quant][1]))
+    writer.add_file_type(int(file_type(quant)))
     if any(p.ggml_type not in (T.F32, T.F16, T.BF16) for p in plan):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     notes.extend(write_hparams(writer, hp, family))
@@ -262,7 +266,7 @@ def _llama_cpp_quantize(src: Path, dst: Path, quant: str) -> None:
     import llama_cpp  # checked importable before any work
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(K_QUANTS[quant])
+    params.ftype = int(LLAMA_CPP_QUANTS[quant])
     params.nthread = os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
@@ -275,8 +279,8 @@ def _check_llama_cpp(quant: str) -> None:
     except ImportError as e:
         raise GgufExportError(
             f"quant '{quant}' is a llama.cpp k-quant and needs the optional llama-cpp-python package "
-            f"(pip install 'mergeline[gguf-kquants]' or pip install llama-cpp-python); in-process types without it: "
-            f"{', '.join(BASE_QUANTS)}") from e
+            f"(pip install 'mergeline[gguf-llamacpp]' or pip install llama-cpp-python); in-process types without it: "
+            f"{', '.join(IN_PROCESS)}") from e
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0", *,
@@ -291,7 +295,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
     q = str(quant).strip().lower()
     if q not in ALL_QUANTS:
         raise GgufExportError(f"unknown GGUF quant '{quant}'; one of {', '.join(ALL_QUANTS)}")
-    if q in K_QUANTS:
+    if q in LLAMA_CPP_QUANTS:
         _check_llama_cpp(q)
     model_dir = Path(model_dir)
     out_file = Path(out_file).absolute()
@@ -315,7 +319,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
         raise GgufExportError(str(e)) from e
     notes: list[str] = []
     base_quant = q
-    if q in K_QUANTS:
+    if q in LLAMA_CPP_QUANTS:
         dtypes = {i.dtype for i in ckpt.tensors.values() if i.is_float}
         base_quant = "bf16" if dtypes == {"BF16"} else "f16" if dtypes == {"F16"} else "f32"
     plan = _plan(ckpt, family, hp, base_quant, notes)
@@ -331,7 +335,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
     inter = out_file.parent / f".{out_file.name}.{base_quant}-tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         with _terminate_as_interrupt():
-            if q in K_QUANTS:
+            if q in LLAMA_CPP_QUANTS:
                 _write_gguf(inter, ckpt, family, hp, tokenizer, base_quant, plan, notes, progress)
                 _llama_cpp_quantize(inter, tmp, q)
                 sha = _sha256_of(tmp)  # llama.cpp writes the file; hashed once after
@@ -350,7 +354,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
     types: dict[str, int] = {}
     for p in plan:
         types[p.ggml_type.name] = types.get(p.ggml_type.name, 0) + 1
-    if q in K_QUANTS:
+    if q in LLAMA_CPP_QUANTS:
         types = {}
         try:
             reader = gguf.GGUFReader(str(out_file))

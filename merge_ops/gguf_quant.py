@@ -4,8 +4,9 @@ Encoding uses the ``gguf`` package's numpy reference quantizers (the same code l
 Q8_0 and friends) applied to whole rows, so a tensor can be encoded a chunk of rows at a time and streamed; F16/BF16
 use torch's round-to-nearest-even casts, which is what ggml does too.
 
-The k-quants (``q4_k_m`` ...) have no reference quantizer in the ``gguf`` package; they are produced by llama.cpp's
-own ``llama_model_quantize`` through the optional ``llama-cpp-python`` package (see :mod:`merge_ops.gguf_export`).
+The k-quant mixes q4_k_s, q4_k_m, q5_k_s, q5_k_m and q6_k are encoded in-process by :mod:`merge_ops.gguf_kquants`
+(ggml's reference algorithms, since the ``gguf`` package can only decode them); q2_k and the q3_k mixes are produced
+by llama.cpp's own ``llama_model_quantize`` through the optional ``llama-cpp-python`` package.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as FT
 from gguf import quants as gq
+
+from .gguf_kquants import ENCODERS as K_ENCODERS
+from .gguf_kquants import FALLBACK as K_FALLBACK
+from .gguf_kquants import MIX_BASE, mix_type
 
 #: quant name -> (tensor type of 2-D weights, general.file_type)
 BASE_QUANTS: dict[str, tuple[T, FT]] = {
@@ -28,13 +33,21 @@ BASE_QUANTS: dict[str, tuple[T, FT]] = {
     "q5_0": (T.Q5_0, FT.MOSTLY_Q5_0),
     "q5_1": (T.Q5_1, FT.MOSTLY_Q5_1),
 }
-#: k-quant mixes llama.cpp's quantizer builds (name -> llama_ftype)
-K_QUANTS: dict[str, FT] = {
-    "q2_k": FT.MOSTLY_Q2_K, "q3_k_s": FT.MOSTLY_Q3_K_S, "q3_k_m": FT.MOSTLY_Q3_K_M, "q3_k_l": FT.MOSTLY_Q3_K_L,
+#: k-quant mixes written in-process (name -> general.file_type)
+K_MIXES: dict[str, FT] = {
     "q4_k_s": FT.MOSTLY_Q4_K_S, "q4_k_m": FT.MOSTLY_Q4_K_M, "q5_k_s": FT.MOSTLY_Q5_K_S, "q5_k_m": FT.MOSTLY_Q5_K_M,
     "q6_k": FT.MOSTLY_Q6_K,
 }
-ALL_QUANTS: tuple[str, ...] = tuple(BASE_QUANTS) + tuple(K_QUANTS)
+#: k-quant mixes only llama.cpp's quantizer builds (name -> llama_ftype), via llama-cpp-python
+LLAMA_CPP_QUANTS: dict[str, FT] = {
+    "q2_k": FT.MOSTLY_Q2_K, "q3_k_s": FT.MOSTLY_Q3_K_S, "q3_k_m": FT.MOSTLY_Q3_K_M, "q3_k_l": FT.MOSTLY_Q3_K_L,
+}
+ALL_QUANTS: tuple[str, ...] = tuple(BASE_QUANTS) + tuple(K_MIXES) + tuple(LLAMA_CPP_QUANTS)
+IN_PROCESS: tuple[str, ...] = tuple(BASE_QUANTS) + tuple(K_MIXES)
+
+
+def file_type(quant: str) -> FT:
+    return BASE_QUANTS[quant][1] if quant in BASE_QUANTS else K_MIXES[quant]
 
 #: 4- and 5-bit types keep ``output.weight`` (the logit projection) at Q8_0: it is the tensor most sensitive to
 #: quantization, which is why llama.cpp's quantizer also keeps it at a higher precision (Q6_K) in these mixes.
@@ -56,11 +69,24 @@ class TypeChoice:
     note: str | None = None
 
 
-def choose_type(quant: str, gguf_name: str, shape: tuple[int, ...]) -> TypeChoice:
+def choose_type(quant: str, gguf_name: str, shape: tuple[int, ...], n_layers: int = 0,
+                has_output: bool = True) -> TypeChoice:
     """The GGML type of one tensor (``shape`` in Hugging Face order: rows, cols)."""
-    target = BASE_QUANTS[quant][0]
     if len(shape) < 2:
         return TypeChoice(T.F32)  # norms, biases, rope factors: llama.cpp keeps 1-D tensors in F32
+    cols = shape[-1]
+    if quant in MIX_BASE:
+        target = mix_type(quant, gguf_name, shape, n_layers, has_output)
+        note = None
+        if cols % block_size(target):
+            fallback = K_FALLBACK.get(target, T.F16)
+            if cols % block_size(fallback):
+                fallback = T.F16
+            note = (f"{gguf_name}: row length {cols} is not a multiple of {block_size(target)}; stored as "
+                    f"{fallback.name} instead of {target.name} (llama.cpp's fallback)")
+            target = fallback
+        return TypeChoice(target, note)
+    target = BASE_QUANTS[quant][0]
     if target in (T.F32, T.F16, T.BF16):
         return TypeChoice(target)
     if target in LOW_BIT and gguf_name == "output.weight":
@@ -68,7 +94,6 @@ def choose_type(quant: str, gguf_name: str, shape: tuple[int, ...]) -> TypeChoic
         note = f"{gguf_name}: kept at Q8_0 (logit projection; {quant} elsewhere)"
     else:
         note = None
-    cols = shape[-1]
     if cols % block_size(target):
         return TypeChoice(T.F16, f"{gguf_name}: row length {cols} is not a multiple of {block_size(target)}; "
                                  f"stored as F16 instead of {target.name}")
@@ -83,6 +108,8 @@ def encode_rows(rows: torch.Tensor, t: T) -> memoryview:
         arr = rows.to(torch.float16).contiguous().numpy()
     elif t == T.BF16:
         arr = rows.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    elif t in K_ENCODERS:
+        arr = K_ENCODERS[t](np.ascontiguousarray(rows.to(torch.float32).numpy()))
     else:
         arr = gq.quantize(np.ascontiguousarray(rows.to(torch.float32).numpy()), t)
     return memoryview(np.ascontiguousarray(arr)).cast("B")
