@@ -54,3 +54,34 @@ def save_family_model(path: Path, family: str, *, seed: int = 0, dtype: torch.dt
         tc["chat_template"] = chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     return path
+
+
+def save_sentencepiece_style_tokenizer(path: Path) -> int:
+    """A Llama-2-style tokenizer.json (BPE with byte fallback, ``▁`` for spaces, ``<0xNN>`` byte tokens, BOS added
+    by the post-processor), trained on the toy corpus. Returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipelines.toy_models import CORPUS
+
+    norm = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = norm
+    learner.train_from_iterator(CORPUS * 4, trainer=trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for tok, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(tok, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = norm
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(str(path))
+    return len(vocab)

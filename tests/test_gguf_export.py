@@ -266,6 +266,33 @@ def test_tokenizer_ids_and_chat_template_identical(models, family, tmp_path):
     assert (t1.bos_token, t1.eos_token, t1.unk_token) == ("<s>", "</s>", "<unk>")
 
 
+def test_sentencepiece_style_tokenizer(tmp_path):
+    """Llama-2-style vocabularies become GGUF's 'llama' tokenizer: byte tokens typed BYTE, scores, BOS added."""
+    from transformers import AutoTokenizer
+
+    from tests.gguf_models import save_sentencepiece_style_tokenizer
+
+    src = save_family_model(tmp_path / "spm", "llama", vocab=464)
+    n = save_sentencepiece_style_tokenizer(src)
+    out = tmp_path / "spm.gguf"
+    export_gguf(src, out, "f16")
+    r = GGUFReader(out)
+    assert _field(r, "tokenizer.ggml.model") == "llama"
+    types = list(_field(r, "tokenizer.ggml.token_type"))
+    assert types[3:259] == [6] * 256 and types[0] == 2 and types[1:3] == [3, 3] and types[n:] == [5] * (464 - n)
+    assert len(_field(r, "tokenizer.ggml.scores")) == 464
+    assert _field(r, "tokenizer.ggml.add_bos_token") is True and _field(r, "tokenizer.ggml.add_eos_token") is False
+    assert _field(r, "tokenizer.ggml.add_space_prefix") is True
+    t0 = AutoTokenizer.from_pretrained(str(src))
+    t1 = AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+    # transformers rebuilds these with a Metaspace pre-tokenizer, which treats runs of leading spaces and text
+    # after a special token differently from the source's Prepend normalizer; ordinary text is identical,
+    # byte fallback included
+    for text in ["the quick brown fox", "two  spaces\n\nnew lines 12345", "Ünïcödé ✓ 東京", "merge models"]:
+        assert t0(text).input_ids == t1(text).input_ids, text
+        assert t0(text).input_ids[0] == 1
+
+
 def test_rows_not_dividing_the_block_stay_f16_with_a_note(tmp_path):
     from transformers import AutoModelForCausalLM
 
