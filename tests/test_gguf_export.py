@@ -293,6 +293,39 @@ def test_sentencepiece_style_tokenizer(tmp_path):
         assert t0(text).input_ids[0] == 1
 
 
+def test_llama_attention_biases_are_permuted_too(tmp_path):
+    """Q/K biases get the same RoPE row permutation as their weights (compared with an independent inverse;
+    transformers' GGUF loader cannot be the oracle here: the file has no attention_bias key, so it builds a
+    bias-free Llama -- llama.cpp uses the bias tensors whenever they are present)."""
+    from safetensors.torch import load_file
+
+    src = save_family_model(tmp_path / "bias", "llama", attention_bias=True)
+    res = export_gguf(src, tmp_path / "bias.gguf", "f32")
+    got = {t.name: np.asarray(t.data) for t in GGUFReader(res.path).tensors}
+    sd = {k: v.float().numpy() for k, v in load_file(str(src / "model.safetensors")).items()}
+    hd = 16
+
+    def unpermute(x, heads):
+        return x.reshape(heads, hd // 2, 2).transpose(0, 2, 1).reshape(x.shape)
+
+    for layer in range(2):
+        q = got[f"blk.{layer}.attn_q.bias"]
+        assert not np.array_equal(q, sd[f"model.layers.{layer}.self_attn.q_proj.bias"])
+        np.testing.assert_array_equal(unpermute(q, 4), sd[f"model.layers.{layer}.self_attn.q_proj.bias"])
+        np.testing.assert_array_equal(unpermute(got[f"blk.{layer}.attn_k.bias"], 2),
+                                      sd[f"model.layers.{layer}.self_attn.k_proj.bias"])
+        np.testing.assert_array_equal(got[f"blk.{layer}.attn_v.bias"], sd[f"model.layers.{layer}.self_attn.v_proj.bias"])
+        np.testing.assert_array_equal(got[f"blk.{layer}.attn_output.bias"],
+                                      sd[f"model.layers.{layer}.self_attn.o_proj.bias"])
+
+
+def test_quant_names_match_the_pipeline_spec():
+    from merge_ops.gguf_quant import ALL_QUANTS
+    from pipelines.spec import GGUF_QUANTS
+
+    assert set(ALL_QUANTS) == set(GGUF_QUANTS)
+
+
 def test_rows_not_dividing_the_block_stay_f16_with_a_note(tmp_path):
     from transformers import AutoModelForCausalLM
 
