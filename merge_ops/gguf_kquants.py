@@ -5,11 +5,13 @@ Why in-process: the ``gguf`` package can only *decode* k-quants, and llama.cpp's
 matrix (``quantize_row_q{4,5,6}_K_ref``): the same candidate-scale search (``make_qkx2_quants`` for the
 scale+min formats, ``make_qx_quants`` for Q6_K), the same weighting (``rms + |x|`` per 32-value sub-block), the same
 6-/8-bit packing of sub-block scales, fp16 super-block scales and bit layout, vectorised with numpy over all blocks
-and computed in float32 with sums accumulated in element order, as the C code does. A compiled llama.cpp may fuse
-multiply-adds, so an occasional value can round to the neighbouring level there; the format is decoded by
-``gguf.quants.dequantize`` (tests check that, and the error against the source). Two implementations exist: the
-numpy one below (vectorised over blocks) and compiled scalar loops in :mod:`merge_ops.gguf_kquants_numba` (used when
-numba is importable, ~10× faster and parallel over super-blocks); the tests require them to agree bit for bit.
+and computed in float32 with sums accumulated in element order, as the C code does. Verified bit for bit against
+ggml's C ``quantize_row_q{4,5,6}_K_ref`` compiled without ``-march`` (see the test
+``test_kquants_bit_exact_vs_ggml_c_reference``); a llama.cpp built with ``-march=native`` may fuse multiply-adds in
+those loops and then round an occasional value to the neighbouring level. The format is decoded by
+``gguf.quants.dequantize``. Two implementations exist: the numpy one below (vectorised over blocks) and compiled
+scalar loops in :mod:`merge_ops.gguf_kquants_numba` (used when numba is importable, ~10× faster and parallel over
+super-blocks); both produce the same bytes.
 
 The type mix (which tensors get Q6_K in a Q4_K_M file, the fallbacks for rows that are not a multiple of 256) follows
 llama.cpp's ``llama_tensor_get_type`` for dense (non-MoE, non-70B-special-cased) models.

@@ -477,6 +477,58 @@ def test_kquant_encoders_compiled_and_numpy_agree_and_decode(ktype):
     assert abs(row[10] - 0.5) < 0.5 * 0.02
 
 
+_GGML_STUBS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <stddef.h>
+#include <stdint.h>
+void ggml_abort(const char * file, int line, const char * fmt, ...) { fprintf(stderr, "%s:%d\n", file, line); abort(); }
+void ggml_log_internal(int level, const char * fmt, ...) {}
+const char * ggml_type_name(int t) { return "?"; }
+size_t ggml_type_size(int t) { abort(); }
+size_t ggml_row_size(int t, int64_t n) { abort(); }
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not os.environ.get("MERGELINE_GGML_SRC") or not shutil.which("cc"),
+                    reason="set MERGELINE_GGML_SRC to a ggml source tree (with src/ggml-quants.c) and have a C compiler")
+def test_kquants_bit_exact_vs_ggml_c_reference(tmp_path):
+    """The strongest oracle: ggml's own reference quantizers, compiled from a ggml source tree (e.g. the one vendored
+    in the ggml-python sdist: ``pip download --no-deps --no-binary=:all: ggml-python``), must produce the same bytes
+    as ours. Built without -march so the C compiler cannot fuse multiply-adds."""
+    import ctypes
+
+    from merge_ops.gguf_kquants import ENCODERS
+
+    root = Path(os.environ["MERGELINE_GGML_SRC"])
+    (tmp_path / "stubs.c").write_text(_GGML_STUBS)
+    lib_path = tmp_path / "libggmlquants.so"
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-std=c11", "-D_GNU_SOURCE", f"-I{root / 'include'}",
+                    f"-I{root / 'src'}", str(root / "src" / "ggml-quants.c"), str(tmp_path / "stubs.c"), "-o",
+                    str(lib_path), "-lm"], check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    rng = np.random.default_rng(1)
+    data = [_kq_data(), rng.uniform(-1, 1, (64, 1024)).astype(np.float32),
+            (rng.standard_t(2, (64, 1024)) * 0.01).astype(np.float32)]
+    funcs = {T.Q4_K: "quantize_row_q4_K_ref", T.Q5_K: "quantize_row_q5_K_ref", T.Q6_K: "quantize_row_q6_K_ref",
+             T.Q8_0: "quantize_row_q8_0_ref", T.Q4_0: "quantize_row_q4_0_ref", T.Q4_1: "quantize_row_q4_1_ref",
+             T.Q5_0: "quantize_row_q5_0_ref", T.Q5_1: "quantize_row_q5_1_ref"}
+    for x in data:
+        x = np.ascontiguousarray(x)
+        for t, fname in funcs.items():
+            bs, ts = gq.GGML_QUANT_SIZES[t]
+            want = np.zeros((x.shape[0], x.shape[1] // bs * ts), np.uint8)
+            fn = getattr(lib, fname)
+            fn.restype = None
+            fn(x.ctypes.data_as(ctypes.c_void_p), want.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size))
+            if t in ENCODERS:
+                np.testing.assert_array_equal(ENCODERS[t](x), want, err_msg=f"{t.name} (numba)")
+                np.testing.assert_array_equal(ENCODERS[t](x, use_numba=False), want, err_msg=f"{t.name} (numpy)")
+            else:
+                np.testing.assert_array_equal(gq.quantize(x, t), want, err_msg=t.name)
+
+
 def test_kquant_mix_matches_llama_cpp_rules():
     from merge_ops.gguf_kquants import mix_type, use_more_bits
 
