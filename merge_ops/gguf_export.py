@@ -287,9 +287,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
                 progress: ProgressFn | None = None) -> GgufExportResult:
     """Export a Hugging Face safetensors model directory to one GGUF file.
 
-    ``quant``: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (in-process) or a k-quant (q4_k_m, q5_k_m, q6_k, ...;
-    needs llama-cpp-python). ``progress(done, total)`` is called after each tensor. Raises
-    :class:`GgufExportError` for unsupported input, before reading any tensor data.
+    ``quant``: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k (in-process), or
+    q2_k, q3_k_s, q3_k_m, q3_k_l (need llama-cpp-python). ``progress(done, total)`` is called after each tensor.
+    Raises :class:`GgufExportError` for unsupported input, before reading any tensor data.
     """
     t0 = time.perf_counter()
     q = str(quant).strip().lower()
@@ -344,9 +344,9 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
                 sha = _write_gguf(tmp, ckpt, family, hp, tokenizer, q, plan, notes, progress)
             os.replace(tmp, out_file)
     finally:
-        for p in (tmp, inter):
+        for leftover in (tmp, inter):
             try:
-                p.unlink()
+                leftover.unlink()
             except FileNotFoundError:
                 pass
     size = out_file.stat().st_size
