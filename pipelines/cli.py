@@ -143,6 +143,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from merge_ops.gguf_export import export_gguf
+
+    update, close = _progress_bar(sys.stderr.isatty() and not args.no_progress)
+    try:
+        result = export_gguf(args.model_dir, args.out_file, args.quant, progress=update)
+    finally:
+        close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeline", description="Streaming LLM merges (MergeKit configs, LoRA).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", type=Path, nargs="+")
     p.add_argument("-q", "--quiet", action="store_true", help="only the one-line summary per file")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export-gguf", help="export a safetensors model directory to one GGUF file (llama.cpp)")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("out_file", type=Path)
+    p.add_argument("--quant", default="q8_0",
+                   help="f32, f16, bf16, q8_0 (default), q4_0, q4_1, q5_0, q5_1; k-quants (q4_k_m, q5_k_m, q6_k, ...) "
+                        "need llama-cpp-python")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.set_defaults(func=cmd_export_gguf)
     return parser
 
 
