@@ -18,6 +18,7 @@ from assets.adapters import build_adapter_asset
 from assets.base_models import build_base_model_asset
 from assets.common import BuildContext
 from assets.datasets import build_dataset_asset
+from assets.evals import build_eval_asset
 from assets.finetunes import build_finetune_assets
 from assets.merges import build_merge_asset
 from pipelines.spec import PipelineSpec, as_spec, resolve_schedule_targets
@@ -40,6 +41,8 @@ def node_keys(bc: BuildContext, section: str, name: str) -> list[dg.AssetKey]:
         return [bc.key("lora", name)]
     if section == "merges":
         return [bc.key("merged", name)]
+    if section == "evals":
+        return [bc.key("eval", name)]
     return []
 
 
@@ -63,6 +66,8 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
         assets.append(build_finetune_assets(bc, name, node, FINETUNE_RETRY))
     for name, node in spec.merges.items():
         assets.append(build_merge_asset(bc, name, node, MERGE_RETRY))
+    for name, node in spec.evals.items():
+        assets.append(build_eval_asset(bc, name, node))
 
     all_job = dg.define_asset_job(
         f"{spec.name}__all", selection=dg.AssetSelection.groups(bc.group),
