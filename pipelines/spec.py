@@ -23,15 +23,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -428,12 +430,21 @@ class EvalCheckSpec(_Strict):
         return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
 
 
+def _task_ref_kind(v: Any) -> str:
+    return "str" if isinstance(v, str) else "EvalTaskSpec"
+
+
+#: a task is a name or a mapping; the discriminator keeps a bad mapping from also reporting "not a valid string"
+_EvalTaskRef = Annotated[Union[Annotated[str, Tag("str")], Annotated[EvalTaskSpec, Tag("EvalTaskSpec")]],
+                         Discriminator(_task_ref_kind)]
+
+
 class EvalSpec(_Node):
     """lm-eval tasks run on ``model`` and on each ``compare_to`` model (fine-tunes and adapters are evaluated as their
     base + LoRA), with asset checks (``checks``, ``thresholds``) that can block downstream assets."""
 
     model: str
-    tasks: list[Union[str, EvalTaskSpec]]
+    tasks: list[_EvalTaskRef]
     thresholds: dict[str, float] = Field(default_factory=dict)
     compare_to: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
