@@ -304,12 +304,24 @@ def evaluate_loaded(model, tokenizer, prepared: PreparedTasks, options: EvalOpti
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size,
-              add_bos_token=options.add_bos_token)
-    out = simple_evaluate(model=lm, tasks=list(prepared.specs), task_manager=prepared.manager, limit=options.limit,
-                          bootstrap_iters=0, num_fewshot=options.num_fewshot, log_samples=False)
-    if out is None:
-        raise EvalError("lm-eval returned no results")
+    # With add_bos_token, lm-eval would put BOS into a perplexity document's tokens *and* use BOS as the rolling
+    # windows' prefix, scoring log p(BOS | BOS); perplexity tasks therefore run with add_bos_token=False (the prefix
+    # is still BOS: each document is scored after exactly one BOS).
+    runs: list[tuple[bool | None, list[Any]]] = [(options.add_bos_token, list(prepared.specs))]
+    if options.add_bos_token:
+        pairs = list(zip(prepared.tasks, prepared.specs))
+        runs = [(True, [s for t, s in pairs if not t.is_perplexity]), (False, [s for t, s in pairs if t.is_perplexity])]
+    out: dict[str, Any] = {}
+    for bos, specs in runs:
+        if not specs:
+            continue
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size, add_bos_token=bos)
+        part = simple_evaluate(model=lm, tasks=specs, task_manager=prepared.manager, limit=options.limit,
+                               bootstrap_iters=0, num_fewshot=options.num_fewshot, log_samples=False)
+        if part is None:
+            raise EvalError("lm-eval returned no results")
+        for k in ("results", "higher_is_better", "n-samples", "versions"):
+            out.setdefault(k, {}).update(part.get(k, {}))
     scores, hib = flatten_results(out)
     samples = {t: int(v.get("effective", v.get("original", 0))) for t, v in out.get("n-samples", {}).items()}
     for t in prepared.tasks:
