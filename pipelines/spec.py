@@ -1197,6 +1197,8 @@ class _Checker:
                     continue
                 if "." not in t and (s.section_of(t) or t in s.datasets):
                     continue
+                if t in s.evals or (t.startswith("evals.") and t.partition(".")[2] in s.evals):
+                    continue  # evals have assets (eval/<pipeline>/<name>)
                 if t in s.exports or t in s.evals or t.split(".", 1)[0] in ("exports", "evals"):
                     self.err(f"{where}: '{t}' is an export/eval; those have no assets yet (coming with the "
                              f"export/eval issue) and cannot be scheduled")
@@ -1268,6 +1270,8 @@ def resolve_schedule_targets(spec: PipelineSpec, sc: ScheduleSpec) -> list[tuple
             out.append((sec, n))
         elif t in spec.datasets:
             out.append(("datasets", t))
+        elif t in spec.evals and spec.section_of(t) is None:
+            out.append(("evals", t))
         else:
             out.append((spec.section_of(t), t))
     return out

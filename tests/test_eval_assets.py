@@ -278,3 +278,14 @@ def test_eval_spec_shorthands_adapters_and_warnings(project):
     defs = build_definitions(spec)
     assert defs.resolve_asset_graph().get(dg.AssetKey(["eval", "ev", "skill_eval"])).parent_keys == {
         dg.AssetKey(["base_model", "ev", "base"]), dg.AssetKey(["lora", "ev", "skill"])}
+
+
+def test_an_eval_can_be_scheduled(project):
+    d = pipeline(project, [])
+    d["schedules"] = {"nightly_eval": {"cron": "0 4 * * *", "target": "blend_eval"},
+                      "by_section": {"cron": "0 5 * * *", "target": "evals.blend_eval", "upstream": False}}
+    defs = build_definitions(parse_pipeline(d, base_dir=project))
+    job = defs.resolve_job_def("ev__nightly_eval")
+    assert EVAL_KEY in job.asset_layer.selected_asset_keys
+    assert dg.AssetKey(["merged", "ev", "blend"]) in job.asset_layer.selected_asset_keys  # and upstream
+    assert defs.resolve_job_def("ev__by_section").asset_layer.selected_asset_keys == {EVAL_KEY}
