@@ -19,6 +19,7 @@ from assets.base_models import build_base_model_asset
 from assets.common import BuildContext
 from assets.datasets import build_dataset_asset
 from assets.exports import build_export_asset
+from assets.evals import build_eval_asset
 from assets.finetunes import build_finetune_assets
 from assets.merges import build_merge_asset
 from assets.publish import build_publish_asset, publish_targets
@@ -44,6 +45,8 @@ def node_keys(bc: BuildContext, section: str, name: str) -> list[dg.AssetKey]:
         return [bc.key("merged", name)]
     if section == "exports":
         return [bc.key("export", name)]
+    if section == "evals":
+        return [bc.key("eval", name)]
     return []
 
 
@@ -67,6 +70,8 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
         assets.append(build_finetune_assets(bc, name, node, FINETUNE_RETRY))
     for name, node in spec.merges.items():
         assets.append(build_merge_asset(bc, name, node, MERGE_RETRY))
+    for name, node in spec.evals.items():
+        assets.append(build_eval_asset(bc, name, node))
     for name, node in spec.exports.items():
         assets.append(build_export_asset(bc, name, node, MERGE_RETRY))
     for section, name, node in publish_targets(spec):  # published/<pipeline>/<name>: merges and exports

@@ -129,6 +129,9 @@ class MergelineResources(dg.Component, dg.Resolvable):
     hub_endpoint: Optional[str] = None
     hub_offline: bool = False
     train_backend: str = "auto"
+    eval_batch_size: Optional[int] = None
+    eval_limit: Optional[int] = None
+    eval_include_defaults: bool = False
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         from resources.bundle import default_resources
@@ -144,7 +147,14 @@ class MergelineResources(dg.Component, dg.Resolvable):
             hub=HubResource(token_env_var=self.hub_token_env_var, endpoint=self.hub_endpoint,
                             offline=self.hub_offline),
             trainer=TrainerResource(backend=self.train_backend),
+            evaluator=self._evaluator(),
         ))
+
+    def _evaluator(self):
+        from resources.evaluator import EvaluatorResource
+
+        return EvaluatorResource(device=self.device, batch_size=self.eval_batch_size, limit=self.eval_limit,
+                                 include_defaults=self.eval_include_defaults)
 
 
 __all__ = ["MergelinePipeline", "MergelineResources"]

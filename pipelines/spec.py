@@ -23,15 +23,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     PrivateAttr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -434,22 +436,109 @@ class ExportSpec(_Node):
         return self
 
 
+#: metrics of a perplexity task (lm-eval ``loglikelihood_rolling``); the first is what checks use by default
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+PERPLEXITY_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
 class EvalTaskSpec(_Strict):
+    """One eval task: an lm-eval task by ``name`` (found in the eval's ``include`` folders, in ``path``, or among
+    lm-eval's built-in tasks when the evaluator resource has ``include_defaults``), or with ``perplexity:`` a
+    perplexity task named ``name`` over a held-out text file."""
+
     name: str
-    path: str | None = Field(None, description="a local lm-eval task YAML or a jsonl file")
+    path: str | None = Field(None, description="a local lm-eval task YAML file, or a folder of them, defining 'name'")
+    metric: str | None = Field(None, description="the metric checks and summaries use (default: the task's first)")
+    threshold: float | None = Field(None, description="shorthand for a blocking check 'metric >= threshold'")
+    perplexity: str | None = Field(None, description="a held-out text file (.txt/.md paragraphs, or .jsonl)")
+    text_field: str | None = Field(None, description="the text field of a .jsonl perplexity file (default 'text')")
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.path is not None and self.perplexity is not None:
+            raise ValueError("give 'path' (an lm-eval task YAML or folder) or 'perplexity' (a text file), not both")
+        if self.path is not None and Path(self.path).suffix.lower() in (".jsonl", ".json", ".txt", ".md"):
+            raise ValueError(f"'path: {self.path}' must be an lm-eval task YAML or a folder of them; for perplexity "
+                             f"on a text file write 'perplexity: {self.path}'")
+        if self.perplexity is not None and Path(self.perplexity).suffix.lower() not in PERPLEXITY_SUFFIXES:
+            raise ValueError(f"perplexity file '{self.perplexity}' must be .txt, .md (one document per paragraph) or "
+                             f".jsonl (one document per record)")
+        if self.text_field is not None and not (self.perplexity or "").lower().endswith(".jsonl"):
+            raise ValueError("'text_field' only applies to a .jsonl 'perplexity' file")
+        if self.perplexity is not None and self.metric is not None and self.metric not in PERPLEXITY_METRICS:
+            raise ValueError(f"a perplexity task reports {', '.join(PERPLEXITY_METRICS)}, not '{self.metric}'")
+        return self
+
+
+class EvalCheckSpec(_Strict):
+    """A Dagster asset check on an eval: each bound given must hold for the evaluated model's score on ``task``
+    (``metric``, default: the task's metric). ``min_ratio_of_best_parent: 0.95``: score >= 0.95 x the best
+    ``compare_to`` model's score (best = highest); ``max_ratio_of_best_parent: 1.1``: score <= 1.1 x the best (lowest)
+    parent score, for lower-is-better metrics such as perplexity. ``blocking`` checks that fail stop downstream
+    assets in the same run."""
+
+    task: str
     metric: str | None = None
-    threshold: float | None = None
+    min: float | None = None
+    max: float | None = None
+    min_ratio_of_best_parent: float | None = Field(None, gt=0)
+    max_ratio_of_best_parent: float | None = Field(None, gt=0)
+    blocking: bool = True
+    name: str | None = Field(None, description="the asset check's name (default: derived from task and bounds)")
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if all(getattr(self, k) is None for k in ("min", "max", "min_ratio_of_best_parent",
+                                                  "max_ratio_of_best_parent")):
+            raise ValueError("give at least one of 'min', 'max', 'min_ratio_of_best_parent', "
+                             "'max_ratio_of_best_parent'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}: no score can pass")
+        if self.name is not None and not NAME_RE.match(self.name):
+            raise ValueError(f"check name '{self.name}' must be letters, digits and underscores")
+        return self
+
+    @property
+    def uses_parents(self) -> bool:
+        return self.min_ratio_of_best_parent is not None or self.max_ratio_of_best_parent is not None
+
+    def check_name(self) -> str:
+        if self.name:
+            return self.name
+        parts = [self.task] + ([self.metric] if self.metric else [])
+        for k, label in (("min", "min"), ("max", "max"), ("min_ratio_of_best_parent", "vs_best_parent"),
+                         ("max_ratio_of_best_parent", "vs_best_parent")):
+            if getattr(self, k) is not None and label not in parts:
+                parts.append(label)
+        return re.sub(r"[^A-Za-z0-9_]", "_", "_".join(parts))
+
+
+def _task_ref_kind(v: Any) -> str:
+    return "str" if isinstance(v, str) else "EvalTaskSpec"
+
+
+#: a task is a name or a mapping; the discriminator keeps a bad mapping from also reporting "not a valid string"
+_EvalTaskRef = Annotated[Union[Annotated[str, Tag("str")], Annotated[EvalTaskSpec, Tag("EvalTaskSpec")]],
+                         Discriminator(_task_ref_kind)]
 
 
 class EvalSpec(_Node):
-    """Accepted and validated now; the eval assets come with the export/eval issue."""
+    """lm-eval tasks run on ``model`` and on each ``compare_to`` model (fine-tunes and adapters are evaluated as their
+    base + LoRA), with asset checks (``checks``, ``thresholds``) that can block downstream assets."""
 
     model: str
-    tasks: list[Union[str, EvalTaskSpec]]
+    tasks: list[_EvalTaskRef]
     thresholds: dict[str, float] = Field(default_factory=dict)
     compare_to: list[str] = Field(default_factory=list)
     limit: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)
+    include: list[str] = Field(default_factory=list,
+                               description="folders (or files) of local lm-eval task YAMLs, relative to the pipeline")
+    checks: list[EvalCheckSpec] = Field(default_factory=list)
+    add_bos_token: bool | None = Field(
+        None, description="make the tokenizer prepend BOS (models trained by mergeline saw BOS first)")
+    num_fewshot: int | None = Field(None, ge=0)
 
     @field_validator("tasks")
     @classmethod
@@ -477,6 +566,28 @@ class EvalSpec(_Node):
 
     def task_names(self) -> list[str]:
         return [t if isinstance(t, str) else t.name for t in self.tasks]
+
+    def task_specs(self) -> list[EvalTaskSpec]:
+        """Every task as an :class:`EvalTaskSpec` (a bare name becomes ``EvalTaskSpec(name=...)``)."""
+        return [EvalTaskSpec(name=t) if isinstance(t, str) else t for t in self.tasks]
+
+    def task_metric(self, task: str) -> str | None:
+        """The metric a task is judged by when a check names none (None: the first metric lm-eval reports)."""
+        for t in self.task_specs():
+            if t.name == task:
+                return t.metric or (PERPLEXITY_METRICS[0] if t.perplexity else None)
+        return None
+
+    def all_checks(self) -> list[EvalCheckSpec]:
+        """``checks`` plus the shorthands: ``thresholds: {task: x}`` and a task's ``threshold: x`` are blocking
+        ``min: x`` checks on the task's metric."""
+        out = list(self.checks)
+        for t in self.task_specs():
+            if t.threshold is not None:
+                out.append(EvalCheckSpec(task=t.name, min=t.threshold))
+        for task, x in self.thresholds.items():
+            out.append(EvalCheckSpec(task=task, min=x))
+        return out
 
 
 class ScheduleSpec(_Strict):
@@ -638,7 +749,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
                       "adapters": AdapterSpec, "merges": MergeSpec, "exports": ExportSpec, "evals": EvalSpec,
                       "schedules": ScheduleSpec}
     nested = {"toy": ToyModelSpec, "generated": GeneratedDatasetSpec, "models": ModelEntry, "slices": SliceSpec,
-              "tasks": EvalTaskSpec}
+              "tasks": EvalTaskSpec, "checks": EvalCheckSpec}
     nested["publish"] = PublishSpec
     from merge_ops.config import SliceSource
 
@@ -787,6 +898,8 @@ class _Checker:
         for name in s.merges:
             self._merge(name)
         self._schedules()
+        for name in s.evals:
+            self._eval(name)
         self._publish()
         return self.errors, self.warnings
 
@@ -928,9 +1041,11 @@ class _Checker:
         for name, x in s.exports.items():
             self._expect(f"exports.{name}.model", x.model, ("base_models", "finetunes", "merges"))
         for name, e in s.evals.items():
-            self._expect(f"evals.{name}.model", e.model, ("base_models", "finetunes", "merges"))
+            if e.model not in s.adapters:
+                self._expect(f"evals.{name}.model", e.model, ("base_models", "finetunes", "merges"))
             for i, c in enumerate(e.compare_to):
-                self._expect(f"evals.{name}.compare_to[{i}]", c, ("base_models", "finetunes", "merges"))
+                if c not in s.adapters:
+                    self._expect(f"evals.{name}.compare_to[{i}]", c, ("base_models", "finetunes", "merges"))
             for i, t in enumerate(e.tasks):
                 if isinstance(t, EvalTaskSpec) and t.path is not None and self.check_files:
                     p = s.resolve_path(t.path)
@@ -1094,6 +1209,63 @@ class _Checker:
                                  f"'{target}'; merge it onto '{own}', or write '{target}+{ref}' to apply its LoRA to "
                                  f"'{target}' on purpose")
 
+    def _eval(self, name: str) -> None:
+        """Task files, include folders, checks: everything an eval run would trip over, before it runs."""
+        s, e, where = self.s, self.s.evals[name], f"evals.{name}"
+        for i, c in enumerate(e.compare_to):
+            if c == e.model:
+                self.err(f"{where}.compare_to[{i}]: '{c}' is the evaluated model itself")
+            elif c in e.compare_to[:i]:
+                self.err(f"{where}.compare_to[{i}]: '{c}' is listed twice")
+        defined: set[str] = set()
+        for i, inc in enumerate(e.include):
+            p = s.resolve_path(inc)
+            if self.check_files and not p.exists():
+                self.err(f"{where}.include[{i}]: '{p}' does not exist (a folder of lm-eval task YAMLs, relative to "
+                         f"the pipeline file)")
+            elif p.exists():
+                defined |= _lm_eval_task_names(p)
+        for i, t in enumerate(e.tasks):
+            if isinstance(t, str):
+                if e.include and t not in defined and self.check_files:
+                    self.warnings.append(f"{where}.tasks[{i}]: '{t}' is not defined in {where}.include; it must be a "
+                                         f"built-in lm-eval task with local data (evaluator include_defaults: true)"
+                                         + _did_you_mean(t, sorted(defined)))
+                continue
+            if t.path is not None and self.check_files:
+                p = s.resolve_path(t.path)
+                names = _lm_eval_task_names(p) if p.exists() else set()
+                if p.exists() and not p.is_dir() and p.suffix.lower() not in (".yaml", ".yml"):
+                    self.err(f"{where}.tasks[{i}].path: '{p}' is not a YAML file or a folder")
+                elif p.exists() and t.name not in names:
+                    self.err(f"{where}.tasks[{i}].path: '{p}' defines no lm-eval task '{t.name}'"
+                             + _did_you_mean(t.name, sorted(names))
+                             + (f"; it defines {', '.join(sorted(names))}" if names else ""))
+            if t.perplexity is not None and self.check_files:
+                p = s.resolve_path(t.perplexity)
+                if not p.is_file():
+                    self.err(f"{where}.tasks[{i}].perplexity: file '{p}' does not exist")
+        names = e.task_names()
+        seen: dict[str, int] = {}
+        for i, c in enumerate(e.checks):
+            cw = f"{where}.checks[{i}]"
+            if c.task not in names:
+                self.err(f"{cw}.task: '{c.task}' is not one of the tasks" + _did_you_mean(c.task, names)
+                         + f"; tasks: {', '.join(names)}")
+                continue
+            ts = next(t for t in e.task_specs() if t.name == c.task)
+            if ts.perplexity is not None and c.metric is not None and c.metric not in PERPLEXITY_METRICS:
+                self.err(f"{cw}.metric: a perplexity task reports {', '.join(PERPLEXITY_METRICS)}, not '{c.metric}'"
+                         + _did_you_mean(c.metric, list(PERPLEXITY_METRICS)))
+            if c.uses_parents and not e.compare_to:
+                self.err(f"{cw}: a ratio-of-best-parent check needs models to compare with; list them in "
+                         f"{where}.compare_to")
+        for j, c in enumerate(e.all_checks()):
+            n = c.check_name()
+            if n in seen:
+                self.err(f"{where}.checks: two checks are named '{n}'; give one a distinct 'name:'")
+            seen[n] = j
+
     def _schedules(self) -> None:
         s = self.s
         all_nodes = {f"{sec}.{n}": (sec, n) for sec in SECTIONS if sec not in ("schedules", "exports", "evals")
@@ -1111,6 +1283,8 @@ class _Checker:
                     continue
                 if "." not in t and (s.section_of(t) or t in s.datasets):
                     continue
+                if t in s.evals or (t.startswith("evals.") and t.partition(".")[2] in s.evals):
+                    continue  # evals have assets (eval/<pipeline>/<name>)
                 if t in s.exports or t in s.evals or t.split(".", 1)[0] in ("exports", "evals"):
                     self.err(f"{where}: '{t}' is an export/eval; those have no assets yet (coming with the "
                              f"export/eval issue) and cannot be scheduled")
@@ -1137,6 +1311,29 @@ def _publish_check(checker: "_Checker") -> None:
 
 
 _Checker._publish = _publish_check  # type: ignore[attr-defined]
+
+
+class _TolerantYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task YAMLs without running anything: ``!function`` and other tags load as None."""
+
+
+_TolerantYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def _lm_eval_task_names(path: Path) -> set[str]:
+    """Task and group names defined by an lm-eval YAML file or the YAML files under a folder."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.yaml")) if path.is_dir() else []
+    names: set[str] = set()
+    for f in files:
+        try:
+            data = yaml.load(f.read_text(), Loader=_TolerantYamlLoader)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict):
+            for k in ("task", "group"):
+                if isinstance(data.get(k), str):
+                    names.add(data[k])
+    return names
 
 
 def _config_facts(cfg: Path | dict, arch: str | None) -> tuple[str | None, int | None]:
@@ -1179,6 +1376,8 @@ def resolve_schedule_targets(spec: PipelineSpec, sc: ScheduleSpec) -> list[tuple
             out.append((sec, n))
         elif t in spec.datasets:
             out.append(("datasets", t))
+        elif t in spec.evals and spec.section_of(t) is None:
+            out.append(("evals", t))
         else:
             out.append((spec.section_of(t), t))
     return out
@@ -1206,9 +1405,11 @@ def pipeline_outline(spec: PipelineSpec) -> list[str]:
         refs = list(dict.fromkeys(r for _, r in m.references()))
         out.append(f"merged/{p}/{name}  <- {m.method}({', '.join(refs)})")
     for name, x in spec.exports.items():
-        out.append(f"export {name}: {x.type} {x.quant} of {x.model} (validated; no asset yet)")
+        out.append(f"export/{p}/{name}  <- {x.type} {x.quant} of {x.model}")
     for name, e in spec.evals.items():
-        out.append(f"eval {name}: {', '.join(e.task_names())} on {e.model} (validated; no asset yet)")
+        out.append(f"eval/{p}/{name}  <- {', '.join(e.task_names())} on {e.model}"
+                   + (f" vs {', '.join(e.compare_to)}" if e.compare_to else "")
+                   + (f"; {len(e.all_checks())} check(s)" if e.all_checks() else ""))
     for sec in ("merges", "exports"):
         for name, node in getattr(spec, sec).items():
             pub = getattr(node, "publish", None)

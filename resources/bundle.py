@@ -6,11 +6,13 @@ import os
 from typing import Any
 
 from .device import GpuResource
+from .evaluator import EvaluatorResource
 from .hub import HubResource
 from .model_store import ModelStoreResource
 from .trainer import TrainerResource
 
 RESOURCE_KEYS = ("gpu", "model_store", "hub", "trainer")
+RESOURCE_KEYS += ("evaluator",)
 
 
 def default_resources(**overrides: Any) -> dict[str, Any]:
@@ -22,5 +24,7 @@ def default_resources(**overrides: Any) -> dict[str, Any]:
         "hub": HubResource(),
         "trainer": TrainerResource(backend=os.environ.get("MERGELINE_TRAIN_BACKEND", "auto")),
     }
+    res["evaluator"] = EvaluatorResource(device=os.environ.get("MERGELINE_EVAL_DEVICE")
+                                         or os.environ.get("MERGELINE_DEVICE", "auto"))
     res.update(overrides)
     return res

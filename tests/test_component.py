@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +35,7 @@ def test_component_and_builder_give_the_same_asset_graph():
     inline = yaml.safe_load(DEMO.read_text())
     with create_defs_folder_sandbox() as sb:
         write_component(sb.defs_folder_path / "demo", "pipelines.component.MergelinePipeline", inline)
+        shutil.copytree(DEMO.parent / "tasks", sb.defs_folder_path / "demo" / "tasks")  # the evals' task files
         (sb.defs_folder_path / "soup").mkdir()
         (sb.defs_folder_path / "soup" / "pipeline.yaml").write_text(SOUP.read_text())
         (sb.defs_folder_path / "soup" / "defs.yaml").write_text(yaml.safe_dump(
@@ -44,7 +46,7 @@ def test_component_and_builder_give_the_same_asset_graph():
             comp = graph_of(comp_defs)
             comp_versions = {k.to_user_string(): comp_defs.resolve_asset_graph().get(k).code_version
                              for k in comp_defs.resolve_asset_graph().get_all_asset_keys()}
-            assert sorted(comp_defs.resources) == ["gpu", "hub", "model_store", "trainer"]
+            assert sorted(comp_defs.resources) == ["evaluator", "gpu", "hub", "model_store", "trainer"]
             assert comp_defs.resources["model_store"].root == "/tmp/mergeline-component-store"
             assert comp_defs.resolve_schedule_def("demo__nightly_schedule").cron_schedule == "0 3 * * *"
     builder = {**graph_of(build_definitions(DEMO)), **graph_of(build_definitions(SOUP))}
@@ -62,6 +64,7 @@ def test_code_version_attribute_stays_a_string():
         d = sb.defs_folder_path / "p"
         d.mkdir()
         (d / "pipeline.yaml").write_text(DEMO.read_text())
+        shutil.copytree(DEMO.parent / "tasks", d / "tasks")
         (d / "defs.yaml").write_text('type: pipelines.component.MergelinePipeline\nattributes:\n'
                                      '  pipeline_file: pipeline.yaml\n  code_version: "2"\n')
         write_component(sb.defs_folder_path / "r", "pipelines.component.MergelineResources", {})

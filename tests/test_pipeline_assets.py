@@ -39,6 +39,8 @@ def tiny(path: Path, steps: int = 3) -> dict:
             ds["generated"]["n"] = 40
     for f in d.get("finetunes", {}).values():
         f.update(max_steps=steps, batch_size=8, r=4, alpha=8)
+    for e in d.get("evals", {}).values():
+        e["limit"] = 4
     return d
 
 
@@ -74,7 +76,7 @@ def test_every_shipped_example_loads(path):
     name = path.parent.name
     keys = graph.get_all_asset_keys()
     assert keys and all(k.path[1] == name for k in keys)
-    assert {k.path[0] for k in keys} <= {"base_model", "dataset", "finetune", "lora", "merged"}
+    assert {k.path[0] for k in keys} <= {"base_model", "dataset", "finetune", "lora", "merged", "eval"}
     for k in keys:
         node = graph.get(k)
         assert node.group_name == name
@@ -91,7 +93,7 @@ def test_the_shipped_code_location_serves_all_examples():
     graph = defs.resolve_asset_graph()
     groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {p.parent.name for p in EXAMPLES}
-    assert sorted(defs.resources) == ["gpu", "hub", "model_store", "trainer"]
+    assert sorted(defs.resources) == ["evaluator", "gpu", "hub", "model_store", "trainer"]
     ws = yaml.safe_load((REPO / "workspace.yaml").read_text())
     assert ws["load_from"][0]["python_module"]["module_name"] == "pipelines.definitions"
 
@@ -110,6 +112,8 @@ def test_demo_graph_shape_pools_retries_and_tags():
         "lora/demo/math": ["finetune/demo/math"],
         "lora/demo/reverse_skill": ["finetune/demo/reverse_skill"],
         "merged/demo/math_reverse": ["base_model/demo/tiny_llama", "lora/demo/math", "lora/demo/reverse_skill"],
+        "eval/demo/math_reverse_skills": ["base_model/demo/tiny_llama", "lora/demo/math", "lora/demo/reverse_skill",
+                                          "merged/demo/math_reverse"],
     }
     merged = defs.get_assets_def(key("merged", "demo", "math_reverse"))
     op = merged.op
@@ -126,14 +130,15 @@ def test_demo_graph_shape_pools_retries_and_tags():
     sched = defs.resolve_schedule_def("demo__nightly_schedule")
     assert sched.cron_schedule == "0 3 * * *"
     job = defs.resolve_job_def("demo__nightly")
-    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(parents)  # merge + upstream
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(parents) - {
+        "eval/demo/math_reverse_skills"}  # merge + upstream
 
 
 def test_code_version_changes_with_the_node_config_only():
     d = tiny(DEMO)
-    g1 = build_definitions(parse_pipeline(copy.deepcopy(d))).resolve_asset_graph()
+    g1 = build_definitions(parse_pipeline(copy.deepcopy(d), base_dir=DEMO.parent)).resolve_asset_graph()
     d["merges"]["math_reverse"]["models"][0]["parameters"]["density"] = 0.7
-    g2 = build_definitions(parse_pipeline(d)).resolve_asset_graph()
+    g2 = build_definitions(parse_pipeline(d, base_dir=DEMO.parent)).resolve_asset_graph()
     changed = {k.to_user_string() for k in g1.get_all_asset_keys()
                if g1.get(k).code_version != g2.get(k).code_version}
     assert changed == {"merged/demo/math_reverse"}
@@ -168,7 +173,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_materializes_every_asset_with_files(demo_run):
     first = demo_run["first"]
-    assert len(first) == 8
+    assert len(first) == 9
     p = {k.to_user_string(): Path(meta_value(m, "path")) for k, m in first.items()}
     store = demo_run["store"]
     for k, path in p.items():
