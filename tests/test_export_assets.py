@@ -9,6 +9,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 import torch
 
 from assets.common import dir_content_hash
@@ -85,7 +87,8 @@ def _meta(inst, key):
 def test_pipeline_materializes_bnb_and_safetensors_exports(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    defs = _graph(_pipeline(evals={"ab_eval": {"model": "ab", "tasks": ["t1"]}}), tmp_path)
+    task = {"name": "arithmetic_choice", "path": str(REPO / "pipelines/examples/demo/tasks/arithmetic_choice.yaml")}
+    defs = _graph(_pipeline(evals={"ab_eval": {"model": "ab", "tasks": [task], "limit": 4}}), tmp_path)
     inst = dg.DagsterInstance.ephemeral()
     res = dg.materialize(list(defs.assets), resources=defs.resources, instance=inst)
     assert res.success

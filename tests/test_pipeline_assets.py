@@ -76,7 +76,7 @@ def test_every_shipped_example_loads(path):
     name = path.parent.name
     keys = graph.get_all_asset_keys()
     assert keys and all(k.path[1] == name for k in keys)
-    assert {k.path[0] for k in keys} <= {"base_model", "dataset", "finetune", "lora", "merged", "eval"}
+    assert {k.path[0] for k in keys} <= {"base_model", "dataset", "finetune", "lora", "merged", "eval", "export", "published"}
     for k in keys:
         node = graph.get(k)
         assert node.group_name == name
@@ -114,6 +114,8 @@ def test_demo_graph_shape_pools_retries_and_tags():
         "merged/demo/math_reverse": ["base_model/demo/tiny_llama", "lora/demo/math", "lora/demo/reverse_skill"],
         "eval/demo/math_reverse_skills": ["base_model/demo/tiny_llama", "lora/demo/math", "lora/demo/reverse_skill",
                                           "merged/demo/math_reverse"],
+        # blocking eval checks gate the export: it depends on the eval of the model it exports
+        "export/demo/math_reverse_gguf": ["eval/demo/math_reverse_skills", "merged/demo/math_reverse"],
     }
     merged = defs.get_assets_def(key("merged", "demo", "math_reverse"))
     op = merged.op
@@ -131,7 +133,7 @@ def test_demo_graph_shape_pools_retries_and_tags():
     assert sched.cron_schedule == "0 3 * * *"
     job = defs.resolve_job_def("demo__nightly")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(parents) - {
-        "eval/demo/math_reverse_skills"}  # merge + upstream
+        "eval/demo/math_reverse_skills", "export/demo/math_reverse_gguf"}  # merge + upstream
 
 
 def test_code_version_changes_with_the_node_config_only():
@@ -173,7 +175,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_materializes_every_asset_with_files(demo_run):
     first = demo_run["first"]
-    assert len(first) == 9
+    assert len(first) == 10
     p = {k.to_user_string(): Path(meta_value(m, "path")) for k, m in first.items()}
     store = demo_run["store"]
     for k, path in p.items():
