@@ -7,20 +7,25 @@ from typing import Any
 
 from .device import GpuResource
 from .hub import HubResource
+from .launcher import StepLauncherResource
 from .model_store import ModelStoreResource
 from .trainer import TrainerResource
 
-RESOURCE_KEYS = ("gpu", "model_store", "hub", "trainer")
+RESOURCE_KEYS = ("gpu", "model_store", "hub", "trainer", "launcher")
 
 
 def default_resources(**overrides: Any) -> dict[str, Any]:
     """Resources configured from the environment: ``MERGELINE_DEVICE`` (auto), ``MERGELINE_STORE`` (store root),
-    ``HF_HUB_OFFLINE``, ``MERGELINE_TRAIN_BACKEND`` (auto). Keyword arguments replace whole resources."""
+    ``HF_HUB_OFFLINE``, ``MERGELINE_TRAIN_BACKEND`` (auto), ``MERGELINE_LAUNCHER`` (in_process | subprocess | k8s),
+    ``MERGELINE_STORE_ENDPOINT`` (S3-compatible endpoint of an ``s3://`` store). Keyword arguments replace whole
+    resources."""
     res: dict[str, Any] = {
         "gpu": GpuResource(device=os.environ.get("MERGELINE_DEVICE", "auto")),
-        "model_store": ModelStoreResource(root=os.environ.get("MERGELINE_STORE") or None),
+        "model_store": ModelStoreResource(root=os.environ.get("MERGELINE_STORE") or None,
+                                          s3_endpoint_url=os.environ.get("MERGELINE_STORE_ENDPOINT") or None),
         "hub": HubResource(),
         "trainer": TrainerResource(backend=os.environ.get("MERGELINE_TRAIN_BACKEND", "auto")),
+        "launcher": StepLauncherResource(mode=os.environ.get("MERGELINE_LAUNCHER") or "in_process"),
     }
     res.update(overrides)
     return res
