@@ -26,8 +26,8 @@ CHECK_NAME = "artifact_complete"
 
 def completeness_check(store: ArtifactStore, final: Path, name: str, content: str,
                        shards: dict[str, dict[str, Any]]) -> CheckOutput:
-    """Every shard the engine wrote is in the published artifact with the engine's size; on S3 also with the sha256
-    the upload computed while streaming (an end-to-end check at no extra read)."""
+    """Every shard the engine wrote is in the published artifact with the size its header and the engine's tensor
+    byte count imply; on S3 also with the sha256 the upload computed while streaming (end to end, no extra read)."""
     problems: list[str] = []
     uploaded = None
     if store.remote:
@@ -38,8 +38,11 @@ def completeness_check(store: ArtifactStore, final: Path, name: str, content: st
         if not p.is_file():
             problems.append(f"{f}: missing")
             continue
-        if p.stat().st_size != info.get("bytes"):
-            problems.append(f"{f}: {p.stat().st_size} bytes, the engine wrote {info.get('bytes')}")
+        with open(p, "rb") as fh:  # 8-byte header length + header + tensor data: the size the engine implies
+            expected = 8 + int.from_bytes(fh.read(8), "little") + int(info.get("bytes", -1))
+        if p.stat().st_size != expected:
+            problems.append(f"{f}: {p.stat().st_size} bytes, the engine's header + {info.get('bytes')} tensor bytes "
+                            f"make {expected}")
         if uploaded is not None:
             up = uploaded.get(f)
             if up is None or up.get("sha256") != info.get("sha256"):
