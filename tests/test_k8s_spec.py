@@ -1,0 +1,157 @@
+"""The Kubernetes launcher without a cluster: the pod ``PipesK8sClient`` would submit (GPU request, node selector,
+tolerations, image, command, env), built by dagster-k8s's own ``build_pod_body``; and a merge materialized through
+the real ``PipesK8sClient`` against a stand-in Kubernetes API that runs the submitted container locally."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from resources.device import GpuResource
+from resources.launcher import StepLauncherResource
+
+REPO = Path(__file__).resolve().parent.parent
+TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def gpu_and_launcher() -> tuple[GpuResource, StepLauncherResource]:
+    gpu = GpuResource(device="cuda", k8s_gpus=2, k8s_node_selector={"cloud.google.com/gke-accelerator": "nvidia-h100"},
+                      k8s_tolerations=[TOLERATION])
+    launcher = StepLauncherResource(mode="k8s", k8s_image="registry.example.com/mergeline:1.2.3",
+                                    k8s_namespace="ml", k8s_service_account="mergeline-steps",
+                                    k8s_env_from_secrets=["mergeline-s3", "hf-token"],
+                                    k8s_resources={"requests": {"memory": "48Gi", "cpu": "8"}},
+                                    k8s_image_pull_policy="IfNotPresent", env={"HF_HUB_OFFLINE": "1"})
+    return gpu, launcher
+
+
+def test_pod_spec_requests_the_gpu_and_runs_the_entry_point():
+    from dagster_k8s.pipes import build_pod_body
+
+    gpu, launcher = gpu_and_launcher()
+    args = launcher.k8s_pod_args(gpu)
+    bootstrap = {"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs"}  # what open_pipes_session adds
+    pod = build_pod_body(pod_name="dagster-abc-merge", image=args["image"], command=args["command"],
+                         env_vars={**bootstrap, **args["env"]}, base_pod_meta=args["base_pod_meta"],
+                         base_pod_spec=args["base_pod_spec"])
+    (c,) = pod.spec.containers
+    assert c.image == "registry.example.com/mergeline:1.2.3"
+    assert c.command == ["python", "-m", "resources.pipes_entry"]
+    assert c.resources.limits == {"nvidia.com/gpu": "2"}
+    assert c.resources.requests == {"nvidia.com/gpu": "2", "memory": "48Gi", "cpu": "8"}
+    env = {e.name: e.value for e in c.env}
+    assert env == {"DAGSTER_PIPES_CONTEXT": "ctx", "DAGSTER_PIPES_MESSAGES": "msgs", "MERGELINE_DEVICE": "cuda",
+                   "HF_HUB_OFFLINE": "1"}
+    assert [e.secret_ref.name for e in c.env_from] == ["mergeline-s3", "hf-token"]
+    assert c.image_pull_policy == "IfNotPresent"
+    assert pod.spec.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-h100"}
+    assert [(t.key, t.operator, t.effect) for t in pod.spec.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+    assert pod.spec.restart_policy == "Never" and pod.spec.service_account_name == "mergeline-steps"
+    assert pod.metadata.labels["app.kubernetes.io/part-of"] == "mergeline"
+    assert args["namespace"] == "ml"
+
+    # the same GPU resource also yields the dagster-k8s/config op tag used by the k8s run launcher / executor
+    tag = gpu.op_tags()["dagster-k8s/config"]
+    assert tag["container_config"]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert tag["pod_spec_config"] == {"node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100"},
+                                      "tolerations": [TOLERATION]}
+
+    # CPU pods (k8s_gpus = 0) request no GPU and land on any node
+    cpu_args = launcher.k8s_pod_args(GpuResource(device="cpu"))
+    assert cpu_args["base_pod_spec"]["containers"][0]["resources"] == {"requests": {"memory": "48Gi", "cpu": "8"}}
+    assert "node_selector" not in cpu_args["base_pod_spec"] and "tolerations" not in cpu_args["base_pod_spec"]
+    with pytest.raises(dg.Failure, match="needs k8s_image"):
+        StepLauncherResource(mode="k8s").k8s_pod_args(gpu)
+
+
+class FakeKubernetes:
+    """The parts of the Kubernetes API ``PipesK8sClient`` calls. Creating a pod runs its first container's command
+    here (the image's ``python`` is this interpreter) with exactly the pod's environment plus PATH/PYTHONPATH; its
+    output becomes the pod log, with kubelet-style timestamps."""
+
+    def __init__(self, extra_env: dict[str, str]):
+        self.pods: list = []
+        self.deleted: list[str] = []
+        self.extra_env = extra_env
+        self.log_lines: list[str] = []
+        self.returncode = None
+        self.core_api = self
+
+    # DagsterKubernetesClient
+    def wait_for_pod(self, pod_name, namespace, **kw):
+        if self.returncode not in (None, 0):
+            raise RuntimeError(f"pod {pod_name} failed with exit code {self.returncode}")
+
+    # CoreV1Api
+    def create_namespaced_pod(self, namespace, body):
+        self.pods.append((namespace, body))
+        c = body.spec.containers[0]
+        cmd = [sys.executable if c.command[0] == "python" else c.command[0], *c.command[1:]]
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+               "PYTHONPATH": str(REPO), **self.extra_env, **{e.name: e.value for e in c.env}}
+        p = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=300)
+        self.returncode = p.returncode
+        self.log_lines = p.stdout.splitlines()
+
+    def read_namespaced_pod_log(self, name, namespace, **kw):
+        t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+        return iter([f"{(t0 + dt.timedelta(microseconds=i)).strftime('%Y-%m-%dT%H:%M:%S.%fZ')} {line}\n".encode()
+                     for i, line in enumerate(self.log_lines)])
+
+    def delete_namespaced_pod(self, name, namespace):
+        self.deleted.append(name)
+
+
+@pytest.mark.heavy
+def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, monkeypatch):
+    import dagster_k8s.pipes as k8s_pipes
+
+    from pipelines.builder import build_definitions
+    from pipelines.spec import parse_pipeline
+    from pipelines.toy_models import save_lora_adapter, save_tiny_llama
+    from resources.model_store import ModelStoreResource
+
+    base = save_tiny_llama(tmp_path / "models" / "base", seed=0, hidden=32, vocab=128)
+    save_lora_adapter(base, tmp_path / "adapters" / "chat", seed=1, r=4, alpha=8)
+    spec = parse_pipeline({
+        "name": "k8s", "base_models": {"base": {"path": "models/base"}},
+        "adapters": {"chat": {"path": "adapters/chat", "base": "base"}},
+        "merges": {"m": {"method": "task_arithmetic", "base_model": "base",
+                         "models": [{"model": "chat", "parameters": {"weight": 0.5}}]}},
+    }, base_dir=tmp_path)
+    fake = FakeKubernetes({"OMP_NUM_THREADS": "1", "MERGELINE_CACHE": str(tmp_path / "engine-cache")})
+    monkeypatch.setattr(k8s_pipes.PipesK8sClient, "_load_k8s_config", lambda self: None)
+    monkeypatch.setattr(k8s_pipes.DagsterKubernetesClient, "production_client", staticmethod(lambda *a, **k: fake))
+    gpu = GpuResource(device="cpu", k8s_gpus=1, k8s_tolerations=[TOLERATION])
+    launcher = StepLauncherResource(mode="k8s", k8s_image="mergeline:test", k8s_namespace="ml", k8s_poll_interval=0.1)
+    store = ModelStoreResource(root=str(tmp_path / "store"))
+    defs = build_definitions(spec, resources={"model_store": store, "gpu": gpu, "launcher": launcher})
+    inst = dg.DagsterInstance.ephemeral()
+    res = dg.materialize(list(defs.assets), resources=defs.resources, instance=inst)
+    assert res.success
+
+    (namespace, pod), = fake.pods
+    c = pod.spec.containers[0]
+    assert namespace == "ml" and c.image == "mergeline:test" and c.resources.limits == {"nvidia.com/gpu": "1"}
+    assert fake.deleted == [pod.metadata.name]
+    mat = inst.get_latest_materialization_event(dg.AssetKey(["merged", "k8s", "m"])).asset_materialization
+    out = Path(mat.metadata["path"].value)
+    assert out.parent == tmp_path / "store" / "merged" / "m" and out.name == mat.tags["dagster/data_version"][:16]
+    assert mat.metadata["device"].value.startswith("cpu") and mat.metadata["tensors"].value > 0
+    (check,) = res.get_asset_check_evaluations()
+    assert check.passed
+
+    # the same merge in process: same data version
+    store2 = ModelStoreResource(root=str(tmp_path / "store2"))
+    defs2 = build_definitions(spec, resources={"model_store": store2, "gpu": GpuResource(device="cpu")})
+    inst2 = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(list(defs2.assets), resources=defs2.resources, instance=inst2).success
+    mat2 = inst2.get_latest_materialization_event(dg.AssetKey(["merged", "k8s", "m"])).asset_materialization
+    assert mat2.tags["dagster/data_version"] == mat.tags["dagster/data_version"]
