@@ -17,7 +17,8 @@ RESOURCE_KEYS = ("gpu", "model_store", "hub", "trainer", "launcher")
 def default_resources(**overrides: Any) -> dict[str, Any]:
     """Resources configured from the environment: ``MERGELINE_DEVICE`` (auto), ``MERGELINE_STORE`` (store root),
     ``HF_HUB_OFFLINE``, ``MERGELINE_TRAIN_BACKEND`` (auto), ``MERGELINE_LAUNCHER`` (in_process | subprocess | k8s),
-    ``MERGELINE_STORE_ENDPOINT`` (S3-compatible endpoint of an ``s3://`` store). Keyword arguments replace whole
+    ``MERGELINE_STORE_ENDPOINT`` (S3-compatible endpoint of an ``s3://`` store); ``MERGELINE_RESOURCES`` names a YAML
+    file whose resources replace those (see :mod:`resources.config_file`). Keyword arguments replace whole
     resources."""
     res: dict[str, Any] = {
         "gpu": GpuResource(device=os.environ.get("MERGELINE_DEVICE", "auto")),
@@ -27,5 +28,9 @@ def default_resources(**overrides: Any) -> dict[str, Any]:
         "trainer": TrainerResource(backend=os.environ.get("MERGELINE_TRAIN_BACKEND", "auto")),
         "launcher": StepLauncherResource(mode=os.environ.get("MERGELINE_LAUNCHER") or "in_process"),
     }
+    if os.environ.get("MERGELINE_RESOURCES"):
+        from .config_file import resources_from_yaml
+
+        res.update(resources_from_yaml(os.environ["MERGELINE_RESOURCES"]))
     res.update(overrides)
     return res

@@ -155,3 +155,101 @@ def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, mon
     assert dg.materialize(list(defs2.assets), resources=defs2.resources, instance=inst2).success
     mat2 = inst2.get_latest_materialization_event(dg.AssetKey(["merged", "k8s", "m"])).asset_materialization
     assert mat2.tags["dagster/data_version"] == mat.tags["dagster/data_version"]
+
+
+# -- the shipped production configuration ------------------------------------------------------------------------------
+
+PROD = REPO / "pipelines" / "examples" / "production"
+
+
+def test_production_dagster_yaml_validates_against_dagster_schemas(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+    from dagster._config import process_config
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster_aws.s3.compute_log_manager import S3ComputeLogManager
+    from dagster_k8s import K8sRunLauncher
+    from dagster_postgres import DagsterPostgresStorage
+
+    for var in ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "MERGELINE_LOG_BUCKET"):
+        monkeypatch.setenv(var, "x")
+    shutil.copy(PROD / "dagster.yaml", tmp_path / "dagster.yaml")
+    cfg, _ = dagster_instance_config(str(tmp_path))  # the instance schema (raises on unknown or mistyped keys)
+    raw = yaml.safe_load((PROD / "dagster.yaml").read_text())
+    for cls, section in ((DagsterPostgresStorage, raw["storage"]["postgres"]),
+                         (K8sRunLauncher, raw["run_launcher"]["config"]),
+                         (S3ComputeLogManager, raw["compute_logs"]["config"])):
+        result = process_config(cls.config_type(), section)
+        assert result.success, (cls.__name__, result.errors)
+    assert raw["run_launcher"]["class"] == "K8sRunLauncher" and cfg["concurrency"]["pools"]["default_limit"] == 1
+    helm = yaml.safe_load((PROD / "helm-values.yaml").read_text())
+    assert helm["runLauncher"]["type"] == "K8sRunLauncher" and helm["concurrency"]["pools"]["defaultLimit"] == 1
+    assert helm["postgresql"]["enabled"] is False
+
+
+def test_production_resources_and_manifests_load():
+    import yaml
+    from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
+    from kubernetes import client as k8s
+
+    from resources.config_file import resources_from_yaml
+    from resources.model_store import ModelStoreResource
+
+    res = resources_from_yaml(PROD / "resources.yaml")
+    assert isinstance(res["model_store"], ModelStoreResource) and res["model_store"].is_remote
+    assert res["launcher"].mode == "k8s" and res["gpu"].k8s_gpus == 1
+    spec = res["launcher"].k8s_pod_args(res["gpu"])["base_pod_spec"]
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["tolerations"] == [TOLERATION] and spec["service_account_name"] == "mergeline-steps"
+    alt = resources_from_yaml(PROD / "resources-k8s-executor.yaml")
+    assert alt["launcher"].mode == "in_process" and alt["gpu"].op_tags()["dagster-k8s/config"]
+    kinds = {"ServiceAccount": k8s.V1ServiceAccount, "Role": k8s.V1Role, "RoleBinding": k8s.V1RoleBinding,
+             "Secret": k8s.V1Secret}
+    for f in sorted((PROD / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            cls = kinds[doc["kind"]]
+            model = k8s_model_from_dict(cls, k8s_snake_case_dict(cls, doc))  # strict: unknown keys raise
+            assert model.metadata.namespace == "mergeline"
+            if doc["kind"] == "Secret":
+                assert all(v.startswith("<") or v == "eu-west-1" for v in doc["stringData"].values())
+
+
+def test_resources_file_errors_name_the_key(tmp_path):
+    from resources.config_file import resources_from_yaml
+
+    f = tmp_path / "r.yaml"
+    f.write_text("launcher: {mode: k8s, k8s_imag: x}\n")
+    with pytest.raises(ValueError, match=r"launcher: unknown field\(s\) k8s_imag"):
+        resources_from_yaml(f)
+    f.write_text("gpus: {}\n")
+    with pytest.raises(ValueError, match="unknown resource 'gpus'"):
+        resources_from_yaml(f)
+    f.write_text("launcher: {mode: ssh}\n")
+    with pytest.raises(ValueError, match="launcher.mode: Input should be .in_process., .subprocess. or .k8s."):
+        resources_from_yaml(f)
+
+
+def test_production_code_location_loads_with_both_executors(tmp_path):
+    script = (
+        "import json, os, runpy\n"
+        "out = {}\n"
+        "for ex in ('multiprocess', 'k8s'):\n"
+        "    os.environ['MERGELINE_EXECUTOR'] = ex\n"
+        "    defs = runpy.run_path('pipelines/examples/production/definitions.py')['defs']\n"
+        "    import dagster as dg\n"
+        "    dg.Definitions.validate_loadable(defs)\n"
+        "    job = defs.resolve_job_def('demo__all')\n"
+        "    out[ex] = {'executor': job.executor_def.name, 'launcher': defs.resources['launcher'].mode,\n"
+        "               'store': defs.resources['model_store'].root}\n"
+        "print(json.dumps(out))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MERGELINE_RESOURCES": str(PROD / "resources.yaml"),
+           "MERGELINE_PIPELINES": str(REPO / "pipelines" / "examples" / "demo" / "pipeline.yaml")}
+    p = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["multiprocess"]["executor"] == "multi_or_in_process_executor"
+    assert out["k8s"]["executor"] == "k8s"
+    assert out["k8s"]["launcher"] == "k8s" and out["k8s"]["store"] == "s3://acme-ml-artifacts/mergeline"
