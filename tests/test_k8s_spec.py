@@ -75,7 +75,8 @@ class FakeKubernetes:
     here (the image's ``python`` is this interpreter) with exactly the pod's environment plus PATH/PYTHONPATH; its
     output becomes the pod log, with kubelet-style timestamps."""
 
-    def __init__(self, extra_env: dict[str, str]):
+    def __init__(self, extra_env: dict[str, str], secrets: dict[str, dict[str, str]] | None = None):
+        self.secrets = secrets or {}
         self.pods: list = []
         self.deleted: list[str] = []
         self.extra_env = extra_env
@@ -93,8 +94,9 @@ class FakeKubernetes:
         self.pods.append((namespace, body))
         c = body.spec.containers[0]
         cmd = [sys.executable if c.command[0] == "python" else c.command[0], *c.command[1:]]
+        from_secrets = {k: v for ref in (c.env_from or []) for k, v in self.secrets[ref.secret_ref.name].items()}
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
-               "PYTHONPATH": str(REPO), **self.extra_env, **{e.name: e.value for e in c.env}}
+               "PYTHONPATH": str(REPO), **self.extra_env, **from_secrets, **{e.name: e.value for e in c.env}}
         p = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            timeout=300)
         self.returncode = p.returncode
@@ -110,13 +112,16 @@ class FakeKubernetes:
 
 
 @pytest.mark.heavy
-def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, monkeypatch):
+def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, monkeypatch, s3_server):
+    """The real PipesK8sClient submits the pod; the stand-in API runs it as a process that shares nothing with the
+    orchestrator but the S3 bucket (its own cache dir, credentials only from the pod's secret)."""
     import dagster_k8s.pipes as k8s_pipes
 
     from pipelines.builder import build_definitions
     from pipelines.spec import parse_pipeline
     from pipelines.toy_models import save_lora_adapter, save_tiny_llama
     from resources.model_store import ModelStoreResource
+    from tests.s3_server import CREDENTIALS
 
     base = save_tiny_llama(tmp_path / "models" / "base", seed=0, hidden=32, vocab=128)
     save_lora_adapter(base, tmp_path / "adapters" / "chat", seed=1, r=4, alpha=8)
@@ -126,12 +131,16 @@ def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, mon
         "merges": {"m": {"method": "task_arithmetic", "base_model": "base",
                          "models": [{"model": "chat", "parameters": {"weight": 0.5}}]}},
     }, base_dir=tmp_path)
-    fake = FakeKubernetes({"OMP_NUM_THREADS": "1", "MERGELINE_CACHE": str(tmp_path / "engine-cache")})
+    fake = FakeKubernetes({"OMP_NUM_THREADS": "1", "MERGELINE_CACHE": str(tmp_path / "engine-cache")},
+                          secrets={"mergeline-s3": dict(CREDENTIALS)})
     monkeypatch.setattr(k8s_pipes.PipesK8sClient, "_load_k8s_config", lambda self: None)
     monkeypatch.setattr(k8s_pipes.DagsterKubernetesClient, "production_client", staticmethod(lambda *a, **k: fake))
     gpu = GpuResource(device="cpu", k8s_gpus=1, k8s_tolerations=[TOLERATION])
-    launcher = StepLauncherResource(mode="k8s", k8s_image="mergeline:test", k8s_namespace="ml", k8s_poll_interval=0.1)
-    store = ModelStoreResource(root=str(tmp_path / "store"))
+    launcher = StepLauncherResource(mode="k8s", k8s_image="mergeline:test", k8s_namespace="ml", k8s_poll_interval=0.1,
+                                    k8s_env_from_secrets=["mergeline-s3"], k8s_cache_dir=str(tmp_path / "pod-cache"))
+    bucket = s3_server.bucket()
+    store = ModelStoreResource(root=f"s3://{bucket}/ml", cache_dir=str(tmp_path / "orchestrator-cache"),
+                               **s3_server.store_kwargs())
     defs = build_definitions(spec, resources={"model_store": store, "gpu": gpu, "launcher": launcher})
     inst = dg.DagsterInstance.ephemeral()
     res = dg.materialize(list(defs.assets), resources=defs.resources, instance=inst)
@@ -140,21 +149,33 @@ def test_merge_through_the_k8s_launcher_against_a_stand_in_cluster(tmp_path, mon
     (namespace, pod), = fake.pods
     c = pod.spec.containers[0]
     assert namespace == "ml" and c.image == "mergeline:test" and c.resources.limits == {"nvidia.com/gpu": "1"}
+    assert not any(e.name.startswith("AWS_") for e in c.env)  # credentials come from the secret, not the spec
     assert fake.deleted == [pod.metadata.name]
+    for k in (("base_model", "k8s", "base"), ("lora", "k8s", "chat")):  # local inputs were copied into the bucket
+        m = inst.get_latest_materialization_event(dg.AssetKey(list(k))).asset_materialization
+        assert m.metadata["path"].value.startswith(f"s3://{bucket}/ml/{k[0]}/{k[2]}/")
     mat = inst.get_latest_materialization_event(dg.AssetKey(["merged", "k8s", "m"])).asset_materialization
-    out = Path(mat.metadata["path"].value)
-    assert out.parent == tmp_path / "store" / "merged" / "m" and out.name == mat.tags["dagster/data_version"][:16]
+    dv = mat.tags["dagster/data_version"]
+    assert mat.metadata["path"].value == f"s3://{bucket}/ml/merged/m/{dv[:16]}"
     assert mat.metadata["device"].value.startswith("cpu") and mat.metadata["tensors"].value > 0
+    # the pod fetched its inputs into its own cache and published from there; the orchestrator fetched nothing
+    assert sorted(p.relative_to(tmp_path / "pod-cache").as_posix()
+                  for p in (tmp_path / "pod-cache").glob("*/*/*")) == sorted(
+        [f"base_model/base/{inst.get_latest_materialization_event(dg.AssetKey(['base_model', 'k8s', 'base'])).asset_materialization.tags['dagster/data_version'][:16]}",
+         f"lora/chat/{inst.get_latest_materialization_event(dg.AssetKey(['lora', 'k8s', 'chat'])).asset_materialization.tags['dagster/data_version'][:16]}",
+         f"merged/m/{dv[:16]}"])
+    assert not (tmp_path / "orchestrator-cache" / "merged").exists()
     (check,) = res.get_asset_check_evaluations()
-    assert check.passed
+    assert check.passed and check.metadata["verified"].value == "size + sha256 of the uploaded stream"
 
-    # the same merge in process: same data version
+    # the same merge in process on a local store (base and adapter used in place): the same weights, byte for byte
+    # (the data version differs: the model card names the inputs' paths, in place here, in the cache above)
     store2 = ModelStoreResource(root=str(tmp_path / "store2"))
     defs2 = build_definitions(spec, resources={"model_store": store2, "gpu": GpuResource(device="cpu")})
     inst2 = dg.DagsterInstance.ephemeral()
     assert dg.materialize(list(defs2.assets), resources=defs2.resources, instance=inst2).success
     mat2 = inst2.get_latest_materialization_event(dg.AssetKey(["merged", "k8s", "m"])).asset_materialization
-    assert mat2.tags["dagster/data_version"] == mat.tags["dagster/data_version"]
+    assert mat2.metadata["output_shards"].value == mat.metadata["output_shards"].value
 
 
 # -- the shipped production configuration ------------------------------------------------------------------------------
