@@ -286,6 +286,17 @@ def test_demo_pipeline_lives_in_the_bucket(s3_server, tmp_path):
         if f.is_file() and f.name != "mergeline.json":
             assert (out_b / f.relative_to(out_a)).read_bytes().replace(
                 str(tmp_path / "cacheB").encode(), str(tmp_path / "cacheA").encode()) == f.read_bytes(), f.name
+    # a fine-tune on a third machine (empty cache, in process): upstream() fetches base and dataset from the bucket
+    ft_key = dg.AssetKey(["finetune", "demo", "math"])
+    store_c = ModelStoreResource(root=f"s3://{bucket}/ml", cache_dir=str(tmp_path / "cacheC"),
+                                 **s3_server.store_kwargs())
+    defs_c = build_definitions(spec, resources={"model_store": store_c, "gpu": GpuResource(device="cpu")})
+    assert dg.materialize(list(defs_c.assets), resources=defs_c.resources, instance=inst, selection=[ft_key]).success
+    for k in (ft_key, dg.AssetKey(["lora", "demo", "math"])):
+        again = inst.get_latest_materialization_event(k).asset_materialization
+        assert again.tags["dagster/data_version"] == mats[k.to_user_string()].tags["dagster/data_version"], k
+    assert {p.parent.name for p in (tmp_path / "cacheC").glob("*/*/*")} >= {"tiny_llama", "arithmetic"}
+
     (check,) = res.get_asset_check_evaluations()
     assert check.passed, check.metadata["problems"].value
     assert check.metadata["verified"].value == "size + sha256 of the uploaded stream"
