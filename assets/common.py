@@ -47,6 +47,7 @@ from resources.artifact_files import (  # noqa: F401  (moved: shared with the Pi
     dir_content_hash,
     file_sha256,
     human_size,
+    loss_plot_png,
     main_dtype,
     read_model_card,
     safetensors_stats,
@@ -199,26 +200,6 @@ def artifact_metadata(path: Path, content_hash: str, *, duration_s: float, confi
     if extra:
         meta.update(extra)
     return meta
-
-
-def loss_plot_png(losses: list[tuple[int, float]], title: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    if losses:
-        ax.plot([s for s, _ in losses], [v for _, v in losses], marker="." if len(losses) < 60 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def md_png(png: bytes, alt: str) -> dg.MetadataValue:

@@ -122,3 +122,26 @@ def read_model_card(path: Path, limit: int = 20000) -> str | None:
         return None
     text = f.read_text(errors="replace")
     return text if len(text) <= limit else text[:limit] + "\n\n…(truncated)"
+
+
+def loss_plot_png(losses: list[tuple[int, float]], title: str) -> bytes:
+    """The training-loss curve as PNG bytes (matplotlib's Agg backend: the same bytes in any process)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    if losses:
+        ax.plot([s for s, _ in losses], [v for _, v in losses], marker="." if len(losses) < 60 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

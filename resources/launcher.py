@@ -118,6 +118,14 @@ class StepLauncherResource(dg.ConfigurableResource):
             model_store: ModelStoreResource, gpu: GpuResource | None = None) -> dg.MaterializeResult:
         """Run step ``step`` on ``request`` and return its result for the asset (metadata, data version, checks).
         Bad input fails the step without retries in every mode."""
+        results = self.run_all(context, step, request, model_store=model_store, gpu=gpu)
+        if len(results) != 1:
+            raise dg.Failure(f"launcher: step '{step}' reported {len(results)} materializations, expected 1")
+        return results[0]
+
+    def run_all(self, context: dg.AssetExecutionContext, step: str, request: dict[str, Any], *,
+                model_store: ModelStoreResource, gpu: GpuResource | None = None) -> list[dg.MaterializeResult]:
+        """Like :meth:`run` for steps that materialize several assets (a multi-asset yields each result)."""
         if self.mode == "in_process":
             return self._in_process(context, step, request, model_store)
         extras = self.extras(step, request, model_store)
@@ -137,32 +145,38 @@ class StepLauncherResource(dg.ConfigurableResource):
         return self._collect(invocation)
 
     def _in_process(self, context, step: str, request: dict[str, Any],
-                    model_store: ModelStoreResource) -> dg.MaterializeResult:
+                    model_store: ModelStoreResource) -> list[dg.MaterializeResult]:
         from .pipes_steps import StepInputError, run_step
 
         try:
             out = run_step(step, request, model_store.store, log=context.log.info)
         except StepInputError as e:
             raise dg.Failure(str(e), allow_retries=False) from None
-        checks = [dg.AssetCheckResult(check_name=c.name, passed=c.passed, severity=dg.AssetCheckSeverity(c.severity),
-                                      metadata=to_dagster_metadata(c.metadata),
-                                      asset_key=dg.AssetKey.from_user_string(out.asset_key) if out.asset_key else None)
-                  for c in out.checks]
-        return dg.MaterializeResult(
-            asset_key=dg.AssetKey.from_user_string(out.asset_key) if out.asset_key else None,
-            metadata=to_dagster_metadata(out.metadata), data_version=dg.DataVersion(out.data_version),
-            check_results=checks or None)
+        results = []
+        for o in out.all():
+            key = dg.AssetKey.from_user_string(o.asset_key) if o.asset_key else None
+            checks = [dg.AssetCheckResult(check_name=c.name, passed=c.passed,
+                                          severity=dg.AssetCheckSeverity(c.severity),
+                                          metadata=to_dagster_metadata(c.metadata), asset_key=key)
+                      for c in o.checks]
+            results.append(dg.MaterializeResult(asset_key=key, metadata=to_dagster_metadata(o.metadata),
+                                                data_version=dg.DataVersion(o.data_version),
+                                                check_results=checks or None))
+        return results
 
     @staticmethod
-    def _collect(invocation) -> dg.MaterializeResult:
+    def _collect(invocation) -> list[dg.MaterializeResult]:
         for m in invocation.get_custom_messages():
             if isinstance(m, dict) and m.get("mergeline_error"):
                 raise dg.Failure(str(m.get("message")), allow_retries=False)
         results = list(invocation.get_results())
         mats = [r for r in results if isinstance(r, dg.MaterializeResult)]
-        checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
-        if len(mats) != 1:
-            raise dg.Failure(f"launcher: the external step reported {len(mats)} materializations, expected 1")
-        m = mats[0]
-        return dg.MaterializeResult(asset_key=m.asset_key, metadata=m.metadata, data_version=m.data_version,
-                                    check_results=checks or None)
+        if not mats:
+            raise dg.Failure("launcher: the external step reported 0 materializations")
+        out = []
+        for m in mats:
+            checks = [r for r in results if isinstance(r, dg.AssetCheckResult)
+                      and (len(mats) == 1 or r.asset_key == m.asset_key)]
+            out.append(dg.MaterializeResult(asset_key=m.asset_key, metadata=m.metadata, data_version=m.data_version,
+                                            check_results=checks or None))
+        return out

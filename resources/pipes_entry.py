@@ -35,11 +35,12 @@ def main() -> int:
             pipes.log.error(str(e))
             pipes.report_custom_message({"mergeline_error": "input", "message": str(e)})
             return 0
-        for check in out.checks:
-            pipes.report_asset_check(check.name, check.passed, severity=check.severity, metadata=check.metadata,
-                                     asset_key=out.asset_key)
-        pipes.report_asset_materialization(metadata=out.metadata, data_version=out.data_version,
-                                           asset_key=out.asset_key)
+        for o in out.all():
+            for check in o.checks:
+                pipes.report_asset_check(check.name, check.passed, severity=check.severity, metadata=check.metadata,
+                                         asset_key=o.asset_key)
+            pipes.report_asset_materialization(metadata=o.metadata, data_version=o.data_version,
+                                               asset_key=o.asset_key)
     return 0
 
 

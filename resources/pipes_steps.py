@@ -32,6 +32,7 @@ STEPS: dict[str, StepFn] = {}
 #: step kind -> module that registers it (imported lazily by :func:`get_step`)
 STEP_MODULES: dict[str, str] = {
     "merge": "resources.merge_step",
+    "finetune": "resources.finetune_step",
 }
 #: metadata keys whose values are timings or process measurements (differ between any two runs)
 VOLATILE_METADATA = frozenset({"duration_s", "merge_seconds", "peak_rss_mib", "train_seconds"})
@@ -56,6 +57,11 @@ class StepOutput:
     checks: list[CheckOutput] = field(default_factory=list)
     #: the asset key (user string) when the step materializes one of several assets; None: the only one
     asset_key: str | None = None
+    #: further materializations of the same step (a multi-asset: a fine-tune's run record, then its LoRA), in order
+    also: list["StepOutput"] = field(default_factory=list)
+
+    def all(self) -> list["StepOutput"]:
+        return [self, *self.also]
 
 
 def register_step(kind: str) -> Callable[[StepFn], StepFn]:

@@ -189,9 +189,16 @@ def test_external_input_errors_fail_without_retries_and_results_are_collected():
     with pytest.raises(dg.Failure, match="reported 0 materializations"):
         StepLauncherResource._collect(_FakeInvocation())
     check = dg.AssetCheckResult(check_name="artifact_complete", passed=True)
-    r = StepLauncherResource._collect(_FakeInvocation(results=[
+    (r,) = StepLauncherResource._collect(_FakeInvocation(results=[
         dg.MaterializeResult(metadata={"a": 1}, data_version=dg.DataVersion("x")), check]))
     assert r.data_version == dg.DataVersion("x") and list(r.check_results) == [check]
+    # a multi-asset step: one result per reported materialization, in order, checks by asset
+    a, b = dg.AssetKey(["finetune", "p", "f"]), dg.AssetKey(["lora", "p", "f"])
+    ca = dg.AssetCheckResult(check_name="c", passed=True, asset_key=a)
+    got = StepLauncherResource._collect(_FakeInvocation(results=[
+        dg.MaterializeResult(asset_key=a, data_version=dg.DataVersion("1")), ca,
+        dg.MaterializeResult(asset_key=b, data_version=dg.DataVersion("2"))]))
+    assert [g.asset_key for g in got] == [a, b] and list(got[0].check_results) == [ca] and not got[1].check_results
 
 
 def test_pipes_metadata_twin_equals_the_asset_helper(tiny_family):
@@ -220,3 +227,45 @@ def test_launcher_is_configuration(monkeypatch):
     with pytest.raises(Exception, match="in_process"):
         StepLauncherResource(mode="ssh")
     assert StepLauncherResource(mode="subprocess").command() == [sys.executable, "-m", "resources.pipes_entry"]
+
+
+@pytest.mark.heavy
+def test_finetune_through_pipes_subprocess_is_identical_to_in_process(tmp_path):
+    """The fine-tune multi-asset (run record + LoRA) through PipesSubprocessClient: both assets with the same data
+    versions, byte-identical files and the same metadata as in process (CPU training is deterministic)."""
+    from tests.test_pipeline_assets import DEMO, tiny
+
+    spec = parse_pipeline(tiny(DEMO, steps=2), base_dir=DEMO.parent)
+    store = ModelStoreResource(root=str(tmp_path / "store"))
+    keys = [dg.AssetKey(["finetune", "demo", "math"]), dg.AssetKey(["lora", "demo", "math"])]
+
+    def defs_with(mode: str) -> dg.Definitions:
+        return build_definitions(spec, resources={"model_store": store, "gpu": GpuResource(device="cpu"),
+                                                  "launcher": StepLauncherResource(mode=mode)})
+
+    inst = dg.DagsterInstance.ephemeral()
+    d_in = defs_with("in_process")
+    upstream_keys = [dg.AssetKey(["base_model", "demo", "tiny_llama"]), dg.AssetKey(["dataset", "demo", "arithmetic"])]
+    assert dg.materialize(list(d_in.assets), resources=d_in.resources, instance=inst,
+                          selection=[*upstream_keys, *keys]).success
+    first = {k: inst.get_latest_materialization_event(k).asset_materialization for k in keys}
+    files = {}
+    for k, m in first.items():
+        out = Path(m.metadata["path"].value)
+        files[k] = _files(out)
+        shutil.move(out, tmp_path / f"copy-{k.path[0]}")
+
+    d_sub = defs_with("subprocess")
+    res = dg.materialize(list(d_sub.assets), resources=d_sub.resources, instance=inst, selection=keys)
+    assert res.success
+    for k in keys:
+        m_sub = inst.get_latest_materialization_event(k).asset_materialization
+        m_in = first[k]
+        assert m_sub.tags["dagster/data_version"] == m_in.tags["dagster/data_version"], k
+        assert _files(Path(m_sub.metadata["path"].value)) == files[k], k
+        assert set(m_sub.metadata) == set(m_in.metadata), k
+        for name in m_in.metadata:
+            assert type(m_sub.metadata[name]) is type(m_in.metadata[name]), (k, name)
+            if name not in VOLATILE_METADATA | {"metrics"}:  # 'metrics' shows the training timings
+                assert m_sub.metadata[name] == m_in.metadata[name], (k, name)
+    assert first[keys[0]].metadata["loss_curve"].value.records[0].data["step"] == 1
