@@ -209,10 +209,14 @@ class S3Bucket:
         return n, h.hexdigest()
 
     def list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+        return [k for k, _ in self.list_with_times(prefix)]
+
+    def list_with_times(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, last-modified epoch seconds) of every object under ``prefix``."""
+        out: list[tuple[str, float]] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-        return keys
+            out.extend((o["Key"], o["LastModified"].timestamp()) for o in page.get("Contents", []))
+        return out
 
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
@@ -381,6 +385,29 @@ class ArtifactStore:
                 pass
             raise
         return marker
+
+    def sweep_uploads(self, older_than_s: float = 24 * 3600, *, dry_run: bool = False) -> list[str]:
+        """Delete the objects of uploads no commit marker points to (publishers killed mid-upload, losers of a
+        publish race) once they are older than ``older_than_s`` (younger ones may belong to an upload in progress).
+        Returns the keys deleted (or, with ``dry_run``, that would be)."""
+        if not self.remote:
+            return []
+        objects = self.bucket.list_with_times(f"{self.prefix}/" if self.prefix else "")
+        markers: dict[str, str | None] = {}
+        for key, _ in objects:
+            if key.endswith("/" + COMMIT_MARKER):
+                art = key[: -len(COMMIT_MARKER) - 1]
+                raw = self.bucket.get_bytes(key)
+                markers[art] = json.loads(raw).get("upload") if raw else None
+        cutoff = time.time() - older_than_s
+        stale: list[str] = []
+        for key, mtime in objects:
+            m = re.match(r"^(.*)/(u-[^/]+)/", key)
+            if m and markers.get(m.group(1)) != m.group(2) and mtime < cutoff:
+                stale.append(key)
+        if stale and not dry_run:
+            self.bucket.delete(stale)
+        return stale
 
     # -- read --------------------------------------------------------------------------------------------------------
     def resolve(self, ref: str | Path) -> Path:

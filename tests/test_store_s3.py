@@ -301,3 +301,19 @@ def test_demo_pipeline_lives_in_the_bucket(s3_server, tmp_path):
     (check,) = res.get_asset_check_evaluations()
     assert check.passed, check.metadata["problems"].value
     assert check.metadata["verified"].value == "size + sha256 of the uploaded stream"
+
+
+def test_sweep_removes_only_uncommitted_uploads(s3_server, tmp_path):
+    bucket = s3_server.bucket()
+    store = make_store(s3_server, bucket, tmp_path / "c")
+    with stage_files(store, {"a.bin": b"a"}) as (staged, h):
+        store.publish(staged, "merged", "m", h)
+    committed = store.read_commit("merged", "m", h)["upload"]
+    orphan = f"store/merged/m/{h[:16]}/u-19700101T000000-dead/a.bin"  # a killed publisher's leftovers
+    s3_server.client().put_object(Bucket=bucket, Key=orphan, Body=b"a")
+    assert store.sweep_uploads(older_than_s=3600) == []  # too young: may be an upload in progress
+    assert store.sweep_uploads(older_than_s=-1, dry_run=True) == [orphan]
+    assert store.sweep_uploads(older_than_s=-1) == [orphan]
+    keys = sorted(o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"])
+    assert keys == sorted([f"store/merged/m/{h[:16]}/{COMMIT_MARKER}", f"store/merged/m/{h[:16]}/{committed}/a.bin"])
+    assert make_store(s3_server, bucket, tmp_path / "r").resolve(f"s3://{bucket}/store/merged/m/{h[:16]}").is_dir()
