@@ -56,25 +56,25 @@ def completeness_check(store: ArtifactStore, final: Path, name: str, content: st
 
 @register_step("merge")
 def merge_step(request: dict[str, Any], store: ArtifactStore, log: Callable[[str], None]) -> StepOutput:
+    t0 = time.perf_counter()
+    name = request["name"]
+    refs = [r for p in request["parts"].values() for r in (p["model"], p.get("adapter")) if r]
+    refs += [request["tokenizer_ref"]] if request.get("tokenizer_ref") else []
+    try:  # inputs first (cheap, and a missing one is reported before torch is even imported)
+        local = {ref: store.resolve(ref) for ref in dict.fromkeys(refs)}
+    except StoreError as e:
+        raise StepInputError(f"merges.{name}: {e}") from None
+
     from merge_ops.api import MergeOptions, merge
     from merge_ops.errors import MergeError
     from merge_ops.sources import ModelSource
 
-    t0 = time.perf_counter()
-    name = request["name"]
     try:
-        local: dict[str, Path] = {}
-
-        def fetch(ref: str) -> Path:
-            if ref not in local:
-                local[ref] = store.resolve(ref)
-            return local[ref]
-
-        sources = {r: ModelSource.from_parts(fetch(p["model"]), fetch(p["adapter"]) if p.get("adapter") else None)
+        sources = {r: ModelSource.from_parts(local[p["model"]], local[p["adapter"]] if p.get("adapter") else None)
                    for r, p in request["parts"].items()}
         config = dict(request["engine_config"])
         if request.get("tokenizer_ref"):
-            config["tokenizer_source"] = str(fetch(request["tokenizer_ref"]))
+            config["tokenizer_source"] = str(local[request["tokenizer_ref"]])
         opts = MergeOptions(**request["options"])
         with store.staging("merged", name) as staged:
             res = merge(config, staged, opts, relation="merge", sources=sources)
