@@ -51,7 +51,8 @@ def test_upload_layout_streaming_hashes_and_fetch(s3_server, tmp_path, monkeypat
     bucket = s3_server.bucket()
     store = make_store(s3_server, bucket, tmp_path / "cacheA")
     big = os.urandom(11 * 2**20 + 123)  # > 2 multipart chunks of 5 MiB
-    files = {"config.json": b'{"a": 1}\n', "model-00001-of-00001.safetensors": big, "sub/tok.txt": b"hello"}
+    files = {"config.json": b'{"a": 1}\n', "model-00001-of-00001.safetensors": big, "sub/tok.txt": b"hello",
+             "empty.json": b""}
 
     opened: list[tuple[str, str]] = []
     real_open = open
