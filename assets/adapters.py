@@ -2,6 +2,7 @@
 adapter repo at a pinned revision (copied into the model store)."""
 
 import json
+import shutil
 import time
 
 import dagster as dg
@@ -35,7 +36,16 @@ def build_adapter_asset(bc: BuildContext, name: str, node: AdapterSpec) -> dg.As
                  hub: HubResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         extra: dict = {}
-        if local is not None:
+        if local is not None and getattr(model_store, "is_remote", False):
+            # remote store: steps on other machines cannot see this directory, so it is copied into the store
+            if not (local / "adapter_config.json").is_file():
+                raise dg.Failure(f"adapters.{name}.path: '{local}' is not a PEFT adapter directory", allow_retries=False)
+            with model_store.staging("lora", name) as staged:
+                shutil.copytree(local, staged)
+                content, _ = dir_content_hash(staged, store_root=model_store.root_path)
+                final = model_store.publish(staged, "lora", name, content)
+            extra["stored"] = "model store (copied from a local directory)"
+        elif local is not None:
             if not (local / "adapter_config.json").is_file():
                 raise dg.Failure(f"adapters.{name}.path: '{local}' is not a PEFT adapter directory", allow_retries=False)
             content, _ = dir_content_hash(local, store_root=model_store.root_path)

@@ -2,6 +2,7 @@
 pinned revision copied into the model store."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def build_base_model_asset(bc: BuildContext, name: str, node: BaseModelSpec) -> 
                     hub: HubResource) -> dg.MaterializeResult:
         t0 = time.perf_counter()
         extra: dict = {}
-        if local_path is not None:
+        if local_path is not None and not getattr(model_store, "is_remote", False):
             # used in place: the content hash says whether it changed since the last materialization
             if not (local_path / "config.json").is_file():
                 raise dg.Failure(f"base_models.{name}.path: '{local_path}' is not a model directory", allow_retries=False)
@@ -93,7 +94,12 @@ def build_base_model_asset(bc: BuildContext, name: str, node: BaseModelSpec) -> 
             extra["stored"] = "in place (local directory)"
         else:
             with model_store.staging("base_model", name) as staged:
-                if node.toy is not None:
+                if local_path is not None:  # remote store: steps on other machines cannot see this directory
+                    if not (local_path / "config.json").is_file():
+                        raise dg.Failure(f"base_models.{name}.path: '{local_path}' is not a model directory",
+                                         allow_retries=False)
+                    shutil.copytree(local_path, staged)
+                elif node.toy is not None:
                     build_toy_model(node, staged, name)
                 else:
                     try:

@@ -13,11 +13,11 @@ import dagster as dg
 
 from pipelines.spec import MergeSpec, PipelineSpec
 from resources.device import GpuResource
+from resources.launcher import StepLauncherResource
+from resources.merge_step import CHECK_NAME, MANIFEST  # noqa: F401  (MANIFEST: re-exported)
 from resources.model_store import ModelStoreResource
 
 from .common import BuildContext, artifact_metadata, dir_content_hash, md_json, node_config, upstream
-
-MANIFEST = "mergeline.json"
 
 
 def split_ref(spec: PipelineSpec, ref: str) -> tuple[str, str | None]:
@@ -86,54 +86,27 @@ def build_merge_asset(bc: BuildContext, name: str, node: MergeSpec, retry_policy
         pool=bc.gpu_pool,
         op_tags=bc.gpu_op_tags or None,
         retry_policy=retry_policy,
+        check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset=key, description=(
+            "Every shard the engine wrote is in the published artifact with the engine's size (S3 store: and the "
+            "sha256 computed while uploading)."))],
     )
     def _merge(context: dg.AssetExecutionContext, gpu: GpuResource,
-               model_store: ModelStoreResource) -> dg.MaterializeResult:
-        from merge_ops.api import merge
-        from merge_ops.errors import MergeError
-        from merge_ops.sources import ModelSource
-
-        t0 = time.perf_counter()
-        ups = {k: upstream(context, k) for k in dep_keys}
+               model_store: ModelStoreResource, launcher: StepLauncherResource) -> dg.MaterializeResult:
+        # thin: find the inputs' store references (no download) and hand the work to the launcher, which runs
+        # resources/merge_step.py here, in a subprocess or in a GPU pod (Dagster Pipes)
+        ups = {k: upstream(context, k, fetch=False) for k in dep_keys}
         inputs = {k.to_user_string(): u.data_version for k, u in ups.items()}
-        try:
-            sources = {}
-            for r, (model, adapter) in parts.items():
-                mpath = ups[bc.model_key(model)].path
-                apath = ups[bc.model_key(adapter)].path if adapter else None
-                sources[r] = ModelSource.from_parts(mpath, apath)
-            tok_path = str(ups[bc.model_key(split_ref(spec, ts_node)[0])].path) if ts_node else None
-            config = engine_config(node, tok_path)
-            opts = gpu.merge_options(seed=node.seed)
-            with model_store.staging("merged", name) as staged:
-                res = merge(config, staged, opts, relation="merge", sources=sources)
-                shard_hashes = {f: s["sha256"] for f, s in res.manifest.get("output_shards", {}).items()}
-                content, _ = dir_content_hash(staged, known=shard_hashes, store_root=model_store.root_path)
-                final = model_store.publish(staged, "merged", name, content)
-        except MergeError as e:
-            # bad input is not transient: retrying would fail the same way
-            raise dg.Failure(f"merges.{name}: {e}", allow_retries=False) from None
-        man = res.manifest
-        meta = artifact_metadata(
-            final, content, duration_s=time.perf_counter() - t0, config=cfg, inputs=inputs,
-            extra={
-                "method": node.method,
-                "device": res.device,
-                "tensors": res.tensors,
-                "merge_seconds": round(res.seconds, 3),
-                "peak_rss_mib": round(res.peak_rss_bytes / 2**20, 1),
-                "engine_config": md_json(config),
-                "engine_inputs": dg.MetadataValue.json(
-                    {r: {"model": str(ups[bc.model_key(m)].path),
-                         "adapter": str(ups[bc.model_key(a)].path) if a else None} for r, (m, a) in parts.items()}),
-                "input_file_sha256": dg.MetadataValue.json(man.get("input_sha256", {})),
-                "output_shards": dg.MetadataValue.json(man.get("output_shards", {})),
-                "warnings": dg.MetadataValue.json(list(res.warnings)),
-                "manifest": dg.MetadataValue.path(str(Path(final) / MANIFEST)),
-            },
-        )
-        context.log.info(f"merge '{name}': {res.tensors} tensors, {res.bytes / 1e6:.1f} MB in {res.seconds:.1f} s on "
-                         f"{res.device}; published at {final}")
-        return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(content))
+        request = {
+            "name": name,
+            "method": node.method,
+            "node_config": cfg,
+            "engine_config": engine_config(node),
+            "parts": {r: {"model": ups[bc.model_key(m)].ref, "adapter": ups[bc.model_key(a)].ref if a else None}
+                      for r, (m, a) in parts.items()},
+            "tokenizer_ref": ups[bc.model_key(split_ref(spec, ts_node)[0])].ref if ts_node else None,
+            "inputs": inputs,
+            "options": gpu.merge_options(seed=node.seed).model_dump(mode="json"),
+        }
+        return launcher.run(context, "merge", request, model_store=model_store, gpu=gpu)
 
     return _merge

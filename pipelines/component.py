@@ -132,9 +132,14 @@ class MergelineResources(dg.Component, dg.Resolvable):
     eval_batch_size: Optional[int] = None
     eval_limit: Optional[int] = None
     eval_include_defaults: bool = False
+    #: StepLauncherResource fields, e.g. {mode: k8s, k8s_image: ...} (resources/launcher.py)
+    launcher: Optional[dict[str, Any]] = None
+    #: extra ModelStoreResource fields for an s3:// store_root: cache_dir, s3_endpoint_url, s3_region, …
+    store_options: Optional[dict[str, Any]] = None
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         from resources.bundle import default_resources
+        from resources.launcher import StepLauncherResource
         from resources.device import GpuResource
         from resources.hub import HubResource
         from resources.model_store import ModelStoreResource
@@ -143,11 +148,12 @@ class MergelineResources(dg.Component, dg.Resolvable):
         return dg.Definitions(resources=default_resources(
             gpu=GpuResource(device=self.device, dtype=self.dtype, memory_budget=self.memory_budget,
                             pool=self.gpu_pool, k8s_gpus=self.k8s_gpus),
-            model_store=ModelStoreResource(root=self.store_root),
+            model_store=ModelStoreResource(root=self.store_root, **(self.store_options or {})),
             hub=HubResource(token_env_var=self.hub_token_env_var, endpoint=self.hub_endpoint,
                             offline=self.hub_offline),
             trainer=TrainerResource(backend=self.train_backend),
             evaluator=self._evaluator(),
+            **({"launcher": StepLauncherResource(**self.launcher)} if self.launcher else {}),
         ))
 
     def _evaluator(self):

@@ -29,6 +29,9 @@ class GpuResource(dg.ConfigurableResource):
     k8s_gpus: int = Field(0, ge=0, description="GPUs to request per step pod on Kubernetes (dagster-k8s)")
     k8s_gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource name of a GPU")
     k8s_node_selector: dict[str, str] = Field(default_factory=dict, description="node selector for GPU step pods")
+    k8s_tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="tolerations for GPU step pods (Kubernetes field names, e.g. "
+                                          "{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule})")
 
     @field_validator("device")
     @classmethod
@@ -86,14 +89,17 @@ class GpuResource(dg.ConfigurableResource):
 
     def op_tags(self) -> dict[str, Any]:
         """Op tags for GPU-bound steps (a ``dagster-k8s/config`` GPU request when ``k8s_gpus`` > 0)."""
-        return gpu_op_tags(self.k8s_gpus, self.k8s_gpu_resource, self.k8s_node_selector)
+        return gpu_op_tags(self.k8s_gpus, self.k8s_gpu_resource, self.k8s_node_selector, self.k8s_tolerations)
 
 
-def gpu_op_tags(gpus: int, resource: str = "nvidia.com/gpu", node_selector: dict[str, str] | None = None) -> dict:
+def gpu_op_tags(gpus: int, resource: str = "nvidia.com/gpu", node_selector: dict[str, str] | None = None,
+                tolerations: list[dict[str, Any]] | None = None) -> dict:
     if gpus <= 0:
         return {}
     n = str(gpus)
     conf: dict[str, Any] = {"container_config": {"resources": {"limits": {resource: n}, "requests": {resource: n}}}}
     if node_selector:
         conf["pod_spec_config"] = {"node_selector": dict(node_selector)}
+    if tolerations:
+        conf.setdefault("pod_spec_config", {})["tolerations"] = [dict(t) for t in tolerations]
     return {"dagster-k8s/config": conf}

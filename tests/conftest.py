@@ -26,3 +26,14 @@ def tiny_family(tmp_path_factory) -> dict[str, Path]:
         "ft2": save_variant(base, root / "ft2", seed=2),
         "lora": save_lora_adapter(base, root / "lora", seed=3, r=4, alpha=8),
     }
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on a free loopback port, started once per test session, with
+    dummy credentials in the environment (inherited by subprocesses). ``.bucket()`` creates a fresh bucket."""
+    from tests.s3_server import start_s3_server
+
+    server = start_s3_server()
+    yield server
+    server.stop()

@@ -41,12 +41,14 @@ def test_component_and_builder_give_the_same_asset_graph():
         (sb.defs_folder_path / "soup" / "defs.yaml").write_text(yaml.safe_dump(
             {"type": "pipelines.component.MergelinePipeline", "attributes": {"pipeline_file": "pipeline.yaml"}}))
         write_component(sb.defs_folder_path / "resources", "pipelines.component.MergelineResources",
-                        {"store_root": "/tmp/mergeline-component-store", "device": "cpu"})
+                        {"store_root": "/tmp/mergeline-component-store", "device": "cpu",
+                         "launcher": {"mode": "subprocess"}})
         with sb.build_all_defs() as comp_defs:
             comp = graph_of(comp_defs)
             comp_versions = {k.to_user_string(): comp_defs.resolve_asset_graph().get(k).code_version
                              for k in comp_defs.resolve_asset_graph().get_all_asset_keys()}
-            assert sorted(comp_defs.resources) == ["evaluator", "gpu", "hub", "model_store", "trainer"]
+            assert sorted(comp_defs.resources) == ["evaluator", "gpu", "hub", "launcher", "model_store", "trainer"]
+            assert comp_defs.resources["launcher"].mode == "subprocess"
             assert comp_defs.resources["model_store"].root == "/tmp/mergeline-component-store"
             assert comp_defs.resolve_schedule_def("demo__nightly_schedule").cron_schedule == "0 3 * * *"
     builder = {**graph_of(build_definitions(DEMO)), **graph_of(build_definitions(SOUP))}

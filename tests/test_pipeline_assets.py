@@ -93,7 +93,7 @@ def test_the_shipped_code_location_serves_all_examples():
     graph = defs.resolve_asset_graph()
     groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()}
     assert groups == {p.parent.name for p in EXAMPLES}
-    assert sorted(defs.resources) == ["evaluator", "gpu", "hub", "model_store", "trainer"]
+    assert sorted(defs.resources) == ["evaluator", "gpu", "hub", "launcher", "model_store", "trainer"]
     ws = yaml.safe_load((REPO / "workspace.yaml").read_text())
     assert ws["load_from"][0]["python_module"]["module_name"] == "pipelines.definitions"
 
