@@ -55,3 +55,11 @@ class EvaluatorResource(dg.ConfigurableResource):
         return EvalOptions(device=self.resolved_device(), batch_size=self.batch_size or batch_size,
                            limit=self.limit or limit, include_defaults=self.include_defaults,
                            add_bos_token=add_bos_token, dtype=self.dtype, num_fewshot=num_fewshot)
+
+    def request_options(self, *, batch_size: int = 8, limit: int | None = None, add_bos_token: bool | None = None,
+                        num_fewshot: int | None = None) -> dict:
+        """The :meth:`options` fields as JSON for a step request, the device left *unresolved* (``auto``, ``cuda``):
+        the step resolves it on the machine that runs the models (a GPU pod, not the orchestrator)."""
+        return {"device": self.device, "batch_size": self.batch_size or batch_size, "limit": self.limit or limit,
+                "include_defaults": self.include_defaults, "add_bos_token": add_bos_token, "dtype": self.dtype,
+                "num_fewshot": num_fewshot}

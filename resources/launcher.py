@@ -157,7 +157,8 @@ class StepLauncherResource(dg.ConfigurableResource):
             key = dg.AssetKey.from_user_string(o.asset_key) if o.asset_key else None
             checks = [dg.AssetCheckResult(check_name=c.name, passed=c.passed,
                                           severity=dg.AssetCheckSeverity(c.severity),
-                                          metadata=to_dagster_metadata(c.metadata), asset_key=key)
+                                          metadata=to_dagster_metadata(c.metadata), asset_key=key,
+                                          description=c.description)
                       for c in o.checks]
             results.append(dg.MaterializeResult(asset_key=key, metadata=to_dagster_metadata(o.metadata),
                                                 data_version=dg.DataVersion(o.data_version),
@@ -175,8 +176,21 @@ class StepLauncherResource(dg.ConfigurableResource):
             raise dg.Failure("launcher: the external step reported 0 materializations")
         out = []
         for m in mats:
-            checks = [r for r in results if isinstance(r, dg.AssetCheckResult)
+            checks = [_with_description(r) for r in results if isinstance(r, dg.AssetCheckResult)
                       and (len(mats) == 1 or r.asset_key == m.asset_key)]
             out.append(dg.MaterializeResult(asset_key=m.asset_key, metadata=m.metadata, data_version=m.data_version,
                                             check_results=checks or None))
         return out
+
+
+def _with_description(r: dg.AssetCheckResult) -> dg.AssetCheckResult:
+    """A check result from Pipes with its description moved back out of the reserved metadata key (Pipes'
+    ``report_asset_check`` has no description field)."""
+    from .pipes_steps import CHECK_DESCRIPTION_KEY
+
+    if CHECK_DESCRIPTION_KEY not in (r.metadata or {}):
+        return r
+    meta = dict(r.metadata)
+    desc = meta.pop(CHECK_DESCRIPTION_KEY)
+    return dg.AssetCheckResult(check_name=r.check_name, passed=r.passed, severity=r.severity, metadata=meta,
+                               asset_key=r.asset_key, description=str(getattr(desc, "value", desc)))

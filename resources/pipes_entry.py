@@ -23,7 +23,7 @@ def main() -> int:
     from dagster_pipes import open_dagster_pipes
 
     from resources.object_store import ArtifactStore
-    from resources.pipes_steps import StepInputError, run_step
+    from resources.pipes_steps import CHECK_DESCRIPTION_KEY, StepInputError, run_step
 
     with open_dagster_pipes() as pipes:
         kind = pipes.get_extra("mergeline_step")
@@ -37,7 +37,10 @@ def main() -> int:
             return 0
         for o in out.all():
             for check in o.checks:
-                pipes.report_asset_check(check.name, check.passed, severity=check.severity, metadata=check.metadata,
+                meta = dict(check.metadata)
+                if check.description is not None:
+                    meta[CHECK_DESCRIPTION_KEY] = {"raw_value": check.description, "type": "text"}
+                pipes.report_asset_check(check.name, check.passed, severity=check.severity, metadata=meta,
                                          asset_key=o.asset_key)
             pipes.report_asset_materialization(metadata=o.metadata, data_version=o.data_version,
                                                asset_key=o.asset_key)

@@ -33,9 +33,11 @@ STEPS: dict[str, StepFn] = {}
 STEP_MODULES: dict[str, str] = {
     "merge": "resources.merge_step",
     "finetune": "resources.finetune_step",
+    "export": "resources.export_step",
+    "eval": "resources.eval_step",
 }
 #: metadata keys whose values are timings or process measurements (differ between any two runs)
-VOLATILE_METADATA = frozenset({"duration_s", "merge_seconds", "peak_rss_mib", "train_seconds"})
+VOLATILE_METADATA = frozenset({"duration_s", "merge_seconds", "peak_rss_mib", "train_seconds", "export_seconds"})
 
 
 class StepInputError(Exception):
@@ -48,6 +50,13 @@ class CheckOutput:
     passed: bool
     severity: str = "ERROR"
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the check's description (why it passed or failed); Pipes' report_asset_check has no such field, so the entry
+    #: point sends it as metadata key :data:`CHECK_DESCRIPTION_KEY` and the launcher moves it back
+    description: str | None = None
+
+
+#: reserved check-metadata key carrying a check description over Dagster Pipes (removed again by the launcher)
+CHECK_DESCRIPTION_KEY = "mergeline/check_description"
 
 
 @dataclass
