@@ -38,6 +38,7 @@ from resources.eval_step import (  # noqa: F401  (the pure helpers live with the
     summary,
     task_metric,
 )
+from resources.device import GpuResource
 from resources.evaluator import EvaluatorResource
 from resources.launcher import StepLauncherResource
 from resources.model_store import ModelStoreResource
@@ -129,7 +130,7 @@ def build_eval_asset(bc: BuildContext, name: str, node: EvalSpec) -> dg.AssetsDe
         check_specs=check_specs or None,
     )
     def _eval(context: dg.AssetExecutionContext, evaluator: EvaluatorResource, model_store: ModelStoreResource,
-              launcher: StepLauncherResource) -> dg.MaterializeResult:
+              launcher: StepLauncherResource, gpu: GpuResource) -> dg.MaterializeResult:
         # thin: the inputs' store references (no download) go to the launcher, which runs resources/eval_step.py
         # here, in a subprocess or in a GPU pod (Dagster Pipes); check results come back with the materialization
         ups = {k: upstream_of(context, k, fetch=False) for k in dep_keys}
@@ -149,7 +150,8 @@ def build_eval_asset(bc: BuildContext, name: str, node: EvalSpec) -> dg.AssetsDe
             "options": evaluator.request_options(batch_size=node.batch_size, limit=node.limit,
                                                  add_bos_token=node.add_bos_token, num_fewshot=node.num_fewshot),
         }
-        return launcher.run(context, "eval", request, model_store=model_store)
+        # gpu: the pod's GPU request in k8s mode (the evaluator's device decides where lm-eval runs)
+        return launcher.run(context, "eval", request, model_store=model_store, gpu=gpu)
 
     return _eval
 

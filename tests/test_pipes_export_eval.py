@@ -35,8 +35,9 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _stable(obj):
-    if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE_MANIFEST}
+    if isinstance(obj, dict):  # a fine-tune's export records its scratch base+LoRA directory (a fresh temp dir)
+        return {k: _stable(v) for k, v in obj.items() if k not in VOLATILE_MANIFEST
+                and not (k == "source" and "mergeline-export-" in str(v))}
     if isinstance(obj, list):
         return [_stable(v) for v in obj]
     return obj
@@ -46,6 +47,7 @@ def _spec():
     from tests.test_pipeline_assets import DEMO, tiny
 
     d = tiny(DEMO, steps=1)
+    d["base_models"]["tiny_llama"]["toy"]["hidden"] = 64  # bitsandbytes' CPU 4-bit kernels need rows of >= 64
     d["exports"].update({
         "math_reverse_st": {"model": "math_reverse", "type": "safetensors", "quant": "bfloat16"},
         "math_bnb": {"model": "math", "type": "bnb", "quant": "nf4"},
@@ -139,3 +141,56 @@ def test_exports_and_eval_through_pipes_subprocess_are_identical_to_in_process(t
         assert CHECK_DESCRIPTION_KEY not in checks_sub[n].metadata
         assert checks_sub[n].metadata["reason"].value == checks_sub[n].description
     assert mats_in[EVAL].metadata["checks_failed"].value == [FAILING]
+
+
+def test_export_and_eval_steps_run_in_the_entry_point_without_dagster(tiny_family, tmp_path):
+    """The export and eval step modules import no Dagster: the entry point (``dagster`` import-blocked) runs a
+    safetensors (bf16 -> float32) export end to end, and turns bad eval/export input into ``mergeline_error`` messages (exit 0)."""
+    from merge_ops.api import MergeOptions
+
+    from resources.artifact_files import dir_content_hash
+    from tests.test_pipes import run_entry
+
+    store = ModelStoreResource(root=str(tmp_path / "store"))
+    request = {"name": "x", "type": "safetensors", "quant": "float32", "model": "base", "fidelity": False,
+               "node_config": {"type": "safetensors"}, "model_ref": str(tiny_family["base"]), "adapter_ref": None,
+               "inputs": {"base_model/t/base": "abc"}, "device": "cpu", "gated_by_evals": [],
+               "options": MergeOptions(device="cpu", seed=0).model_dump(mode="json")}
+    extras = {"mergeline_step": "export", "mergeline_request": request, "mergeline_store": store.client_config()}
+    rc, msgs, err = run_entry(tmp_path, extras, asset_key="export/t/x")
+    assert rc == 0, err[-3000:]
+    (mat,) = [m["params"] for m in msgs if m["method"] == "report_asset_materialization"]
+    meta = mat["metadata"]
+    out = Path(meta["path"]["raw_value"])
+    assert out.parent == tmp_path / "store" / "export" / "x"
+    assert mat["data_version"] == dir_content_hash(out, store_root=tmp_path / "store")[0]
+    assert meta["dtype"]["raw_value"] in ("F32", "float32")  # the bf16 base up-cast: twice the bytes
+    assert meta["compression_ratio"]["raw_value"] == pytest.approx(0.5, abs=0.01)
+    assert "max_abs_logit_diff" not in meta and "gated_by_evals" not in meta
+
+    bad = {**request, "model_ref": str(tmp_path / "gone")}
+    rc, msgs, err = run_entry(tmp_path, {**extras, "mergeline_request": bad}, asset_key="export/t/x")
+    (custom,) = [m["params"]["payload"] for m in msgs if m["method"] == "report_custom_message"]
+    assert rc == 0 and "exports.x" in custom["message"] and "is gone" in custom["message"]
+
+    eval_request = {"name": "e", "plan": {"model": "base", "compare_to": [], "tasks": ["t"], "metrics": {}},
+                    "checks": [], "tasks": [{"name": "t"}], "include": [], "node_config": {}, "inputs": {},
+                    "parts": {"base": {"model": str(tmp_path / "gone"), "adapter": None}},
+                    "options": {"device": "cpu", "batch_size": 1, "limit": 1}}
+    rc, msgs, err = run_entry(tmp_path, {"mergeline_step": "eval", "mergeline_request": eval_request,
+                                         "mergeline_store": store.client_config()}, asset_key="eval/t/e")
+    (custom,) = [m["params"]["payload"] for m in msgs if m["method"] == "report_custom_message"]
+    assert rc == 0 and custom["mergeline_error"] == "input" and "evals.e" in custom["message"], err[-2000:]
+    assert not [m for m in msgs if m["method"] == "report_asset_materialization"]
+
+
+def test_check_descriptions_cross_pipes_and_the_transport_key_is_removed():
+    from resources.launcher import _with_description
+
+    sent = dg.AssetCheckResult(check_name="c", passed=False, severity=dg.AssetCheckSeverity.WARN,
+                               metadata={"reason": "FAILED: x", CHECK_DESCRIPTION_KEY: dg.MetadataValue.text("FAILED: x")})
+    got = _with_description(sent)
+    assert got.description == "FAILED: x" and set(got.metadata) == {"reason"}
+    assert got.severity == dg.AssetCheckSeverity.WARN and got.passed is False
+    plain = dg.AssetCheckResult(check_name="c", passed=True)
+    assert _with_description(plain) is plain
