@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from .artifact_files import dir_content_hash
 from .object_store import ArtifactStore, StoreError
-from .pipes_steps import StepInputError, StepOutput, artifact_metadata, mv, register_step
+from .pipes_steps import StepInputError, StepOutput, artifact_metadata, artifact_uri, mv, register_step
 
 MANIFEST = "mergeline.json"
 EXPORT_TYPES = ("gguf", "bnb", "safetensors")
@@ -153,11 +153,10 @@ def export_step(request: dict[str, Any], store: ArtifactStore, log: Callable[[st
     }
     if out.get("sha256"):
         extra["export_sha256"] = mv(out["sha256"])
+    uri = artifact_uri(final)  # S3 store: the artifact's s3:// address (``final`` is the local copy)
     if kind == "gguf":
-        uri = getattr(final, "store_uri", None)
-        base = str(uri) if uri and str(uri).startswith("s3://") else str(final)
-        extra["gguf_file"] = mv(f"{base}/{Path(out['artifact']).name}" if uri and base.startswith("s3://")
-                                else str(Path(final) / Path(out["artifact"]).name), "path")
+        fname = Path(out["artifact"]).name
+        extra["gguf_file"] = mv(f"{uri}/{fname}" if uri else str(Path(final) / fname), "path")
     if fid is not None:
         extra.update({"max_abs_logit_diff": mv(fid["max_abs_logit_diff"]),
                       "mean_abs_logit_diff": mv(fid["mean_abs_logit_diff"]),
@@ -168,7 +167,6 @@ def export_step(request: dict[str, Any], store: ArtifactStore, log: Callable[[st
         extra["gated_by_evals"] = mv(list(request["gated_by_evals"]), "json")
     meta = artifact_metadata(final, content, duration_s=time.perf_counter() - t0, config=request["node_config"],
                              inputs=request["inputs"], extra=extra, weights=out["weights"])
-    uri = getattr(final, "store_uri", None)
     log(f"export '{name}' ({kind} {quant}): {out['source_bytes'] / 1e6:.1f} MB -> {out['bytes'] / 1e6:.1f} MB "
         f"({out['compression_ratio']:.2f}x); published at {uri or final}")
     return StepOutput(metadata=meta, data_version=content)
