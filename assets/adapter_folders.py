@@ -14,7 +14,6 @@ new adapter and requests the adapter partition of every new or changed adapter. 
 becomes unreadable is reported in the tick log; its partition and merges are never deleted.
 """
 
-from __future__ import annotations
 
 import json
 import re

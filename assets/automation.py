@@ -18,7 +18,6 @@ adds the observable sources of external inputs (:mod:`assets.observations`) and 
 (:mod:`assets.adapter_folders`), and ships the automation and observation sensors RUNNING.
 """
 
-from __future__ import annotations
 
 from typing import Iterable
 

@@ -13,7 +13,6 @@ materialization) and carries ``status`` (``missing`` / ``unreadable`` / ``offlin
 metadata, which the UI shows on the source asset; the observation sensor's tick log says it too.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json

@@ -55,6 +55,9 @@ def spec_dict(root: Path, *, merge_code_versions: dict[str, str] | None = None, 
         "adapters": {
             "a": {"base": "base", "path": str(root / "adapters" / "a"), "observe": {"interval_seconds": observe_interval}},
             "b": {"base": "base", "path": str(root / "adapters" / "b"), "observe": {"interval_seconds": observe_interval}},
+            # "merge every adapter in this folder into the base": one dynamic partition per subdirectory
+            "community": {"base": "base", "folder": str(root / "community"),
+                          "observe": {"interval_seconds": observe_interval}},
         },
         "merges": {
             "m_a": merge([("a", 1.0)], "m_a"),
@@ -85,13 +88,16 @@ class World:
     check_passes: dict[str, bool] = field(default_factory=lambda: {"ok": True})
     merge_code_versions: dict[str, str] = field(default_factory=dict)
     cursor: object = None
+    eager_cursor: object = None
 
     # -- definitions ------------------------------------------------------------------------------------------------
     def resources(self) -> dict:
         return {"gpu": GpuResource(device="cpu"), "model_store": ModelStoreResource(root=str(self.root / "store")),
                 "hub": HubResource(offline=True)}
 
-    def defs(self) -> dg.Definitions:
+    def defs(self, eager: bool = False) -> dg.Definitions:
+        """The pipeline's definitions; ``eager=True``: the same graph with plain ``AutomationCondition.eager()`` on the
+        derived assets (the behaviour this project replaces), for contrast."""
         base = build_definitions(spec_dict(self.root, merge_code_versions=self.merge_code_versions),
                                  resources=self.resources())
         passes = self.check_passes
@@ -102,17 +108,30 @@ class World:
 
         extra = apply_conditions([stand_in_export("m_a"), stand_in_export("m_b")],
                                  condition=derived_asset_condition())
-        return dg.Definitions.merge(base, dg.Definitions(assets=extra, asset_checks=[_gate]))
+        defs = dg.Definitions.merge(base, dg.Definitions(assets=extra, asset_checks=[_gate]))
+        if eager:
+            eager_cond = dg.AutomationCondition.eager()
+            defs = dg.Definitions(
+                assets=[dg.map_asset_specs(lambda s: s.replace_attributes(automation_condition=eager_cond)
+                                           if s.automation_condition is not None else s, [a])[0]
+                        if isinstance(a, dg.AssetsDefinition) and a.is_executable else a for a in defs.assets],
+                asset_checks=defs.asset_checks, resources=defs.resources)
+        return defs
 
     # -- actions ----------------------------------------------------------------------------------------------------
-    def materialize(self, *keys: dg.AssetKey, expect_success: bool = True) -> dg.ExecuteInJobResult:
+    def materialize(self, *keys: dg.AssetKey, expect_success: bool = True, partition: str | None = None
+                    ) -> dg.ExecuteInJobResult:
         defs = self.defs()
         graph = defs.resolve_asset_graph()
         assets = [a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_executable]
         sel = dg.AssetSelection.assets(*keys) if keys else dg.AssetSelection.all() - dg.AssetSelection.assets(
-            *[k for k in graph.get_all_asset_keys() if k.path[0] == "source"])
+            *[k for k in graph.get_all_asset_keys() if k.path[0] == "source" or graph.get(k).partitions_def])
+        if partition is not None:
+            assets = [a for a in assets if a.partitions_def is not None]
+        elif keys:
+            assets = [a for a in assets if a.partitions_def is None]
         res = dg.materialize([*assets, *defs.asset_checks], resources=defs.resources, instance=self.instance,
-                             selection=sel, raise_on_error=False)
+                             selection=sel, raise_on_error=False, partition_key=partition)
         assert res.success == expect_success, [e.message for e in res.all_events if e.is_failure]
         return res
 
@@ -141,6 +160,19 @@ class World:
         self.cursor = res.cursor
         return {r.key for r in res.results if r.true_subset.size > 0}
 
+    def evaluate_eager(self) -> set[dg.AssetKey]:
+        """The same tick with plain ``eager()`` conditions (own cursor): what this project fixes."""
+        res = dg.evaluate_automation_conditions(defs=self.defs(eager=True), instance=self.instance,
+                                                cursor=self.eager_cursor)
+        self.eager_cursor = res.cursor
+        return {r.key for r in res.results if r.true_subset.size > 0}
+
+    def evaluate_partitions(self) -> dict[dg.AssetKey, set[str]]:
+        """Like :meth:`evaluate`, with the requested partition keys of partitioned assets."""
+        res = dg.evaluate_automation_conditions(defs=self.defs(), instance=self.instance, cursor=self.cursor)
+        self.cursor = res.cursor
+        return {r.key: set(res.get_requested_partitions(r.key)) for r in res.results if r.true_subset.size > 0}
+
     def latest_version(self, key: dg.AssetKey) -> str | None:
         ev = self.instance.get_latest_materialization_event(key)
         return (ev.asset_materialization.tags or {}).get("dagster/data_version") if ev else None
@@ -155,7 +187,7 @@ def make_world(root: Path) -> World:
     write_adapter(root / "base", root / "adapters" / "a", seed=1)
     write_adapter(root / "base", root / "adapters" / "b", seed=2)
     (root / "home").mkdir()
-    inst = dg.DagsterInstance.local_temp(str(root / "home"))
+    inst = dg.DagsterInstance.local_temp(str(root / "home"), overrides={"telemetry": {"enabled": False}})
     w = World(root, inst)
     w.observe_job()
     w.materialize()
