@@ -97,7 +97,14 @@ class World:
 
     def defs(self, eager: bool = False) -> dg.Definitions:
         """The pipeline's definitions; ``eager=True``: the same graph with plain ``AutomationCondition.eager()`` on the
-        derived assets (the behaviour this project replaces), for contrast."""
+        derived assets (the behaviour this project replaces), for contrast. Cached per code-version state."""
+        ck = (eager, tuple(sorted(self.merge_code_versions.items())))
+        cache = self.__dict__.setdefault("_defs_cache", {})
+        if ck not in cache:
+            cache[ck] = self._build_defs(eager)
+        return cache[ck]
+
+    def _build_defs(self, eager: bool) -> dg.Definitions:
         base = build_definitions(spec_dict(self.root, merge_code_versions=self.merge_code_versions),
                                  resources=self.resources())
         passes = self.check_passes
