@@ -1181,6 +1181,10 @@ def pipeline_outline(spec: PipelineSpec) -> list[str]:
                else ", ".join(d.paths))
         out.append(f"dataset/{p}/{name}  <- {src}")
     for name, a in spec.adapters.items():
+        if a.folder is not None:
+            out.append(f"lora/{p}/{name} + merged/{p}/{name}  <- every adapter in folder {a.folder} (one partition "
+                       f"each), merged into {a.base}")
+            continue
         src = f"hub {a.hub}@{a.revision}" if a.hub else f"local {a.path}"
         out.append(f"lora/{p}/{name}  <- {src} (for {a.base})")
     for name, f in spec.finetunes.items():
