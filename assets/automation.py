@@ -112,7 +112,7 @@ def with_automation(bc: BuildContext, defs: dg.Definitions) -> dg.Definitions:
     automation conditions and the sensors. With ``automation: false`` in the spec no condition is attached and the
     sensors ship stopped (the source assets stay observable on demand)."""
     from .adapter_folders import build_folder_adapter_defs
-    from .observations import build_observation_sensor, build_source_asset, observed_inputs
+    from .observations import build_input_check, build_observation_sensor, build_source_asset, observed_inputs
 
     on = bc.spec.automation.enabled
     inputs = observed_inputs(bc)
@@ -132,5 +132,6 @@ def with_automation(bc: BuildContext, defs: dg.Definitions) -> dg.Definitions:
         obs_sensor = build_observation_sensor(bc, inputs)
         if obs_sensor is not None:
             sensors.append(obs_sensor)
+    checks = [*(defs.asset_checks or []), *[build_input_check(i) for i in inputs]]
     return dg.Definitions(assets=[*assets, *sources], jobs=jobs, schedules=defs.schedules, sensors=sensors,
-                          asset_checks=defs.asset_checks, resources=defs.resources)
+                          asset_checks=checks, resources=defs.resources)

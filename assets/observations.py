@@ -261,6 +261,33 @@ def build_source_asset(bc: BuildContext, inp: ObservedInput):
     return _source
 
 
+CHECK_NAME = "input_available"
+
+
+def check_evaluation(inp: ObservedInput, obs: Observation) -> dg.AssetCheckEvaluation:
+    """The ``input_available`` check result on the asset the input feeds: the red/yellow badge the lineage graph
+    shows on ``lora/…`` / ``base_model/…`` when its input vanished or cannot be read."""
+    return dg.AssetCheckEvaluation(
+        asset_key=inp.feeds, check_name=CHECK_NAME, passed=obs.ok, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"status": obs.status, "reason": obs.reason or "-", "observed": inp.key.to_user_string()},
+        description=None if obs.ok else f"{inp.label}: {obs.status}: {obs.reason}")
+
+
+def build_input_check(inp: ObservedInput) -> dg.AssetChecksDefinition:
+    """Non-blocking (a vanished input keeps its last good version, so nothing downstream is requested anyway);
+    evaluated by the observation sensor and whenever the asset is materialized."""
+
+    @dg.asset_check(asset=inp.feeds, name=CHECK_NAME, required_resource_keys={"hub"}, blocking=False,
+                    description=f"Is {inp.label} (observed as {inp.key.to_user_string()}) present and readable?")
+    def _check(context) -> dg.AssetCheckResult:
+        obs = observe_input(inp, context.resources.hub)
+        ev = check_evaluation(inp, obs)
+        return dg.AssetCheckResult(passed=ev.passed, severity=ev.severity, metadata=ev.metadata,
+                                   description=ev.description)
+
+    return _check
+
+
 # -- the sensor --------------------------------------------------------------------------------------------------------
 
 
@@ -294,7 +321,7 @@ def build_observation_sensor(bc: BuildContext, inputs: list[ObservedInput]) -> d
             last_checked: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
         except ValueError:
             last_checked = {}
-        events: list[dg.AssetObservation] = []
+        events: list[dg.AssetObservation | dg.AssetCheckEvaluation] = []
         notes: list[str] = []
         for inp in due:
             k = inp.key.to_user_string()
@@ -308,6 +335,7 @@ def build_observation_sensor(bc: BuildContext, inputs: list[ObservedInput]) -> d
                 notes.append(f"{inp.label}: unchanged ({obs.status})")
                 continue
             events.append(observation_event(inp, obs, prev_version))
+            events.append(check_evaluation(inp, obs))
             if obs.ok:
                 notes.append(f"{inp.label}: new data version {str(version)[:12]}")
             else:

@@ -89,6 +89,7 @@ class World:
     merge_code_versions: dict[str, str] = field(default_factory=dict)
     cursor: object = None
     eager_cursor: object = None
+    last_checks: list = field(default_factory=list)
 
     # -- definitions ------------------------------------------------------------------------------------------------
     def resources(self) -> dict:
@@ -159,7 +160,8 @@ class World:
         result = sensor(ctx)
         for ev in result.asset_events or []:
             self.instance.report_runless_asset_event(ev)
-        return list(result.asset_events or [])
+        self.last_checks = [e for e in result.asset_events or [] if isinstance(e, dg.AssetCheckEvaluation)]
+        return [e for e in result.asset_events or [] if isinstance(e, dg.AssetObservation)]
 
     def evaluate(self) -> set[dg.AssetKey]:
         """One automation tick over the current definitions; returns the requested asset keys."""

@@ -49,10 +49,11 @@ def test_condition_is_on_derived_assets_only(world):
     for key in (M_A, M_B, M_AB, X_A, X_B, L_A, L_B, K("base_model", "base"), K("merged", "community")):
         assert graph.get(key).automation_condition == cond, key
     assert graph.get(K("lora", "community")).automation_condition is None  # the folder sensor requests it
-    # every external input feeds its asset through an observable source
+    # every external input feeds its asset through an observable source, with an input_available check on it
     for name, fed in (("a", L_A), ("b", L_B), ("base", K("base_model", "base"))):
         assert K("source", name) in graph.get(fed).parent_keys
         assert graph.get(K("source", name)).is_observable
+        assert dg.AssetCheckKey(fed, "input_available") in graph.asset_check_keys
 
 
 def test_1_identical_bytes_request_nothing(world):
@@ -141,6 +142,13 @@ def test_5_vanished_adapter_is_reported_and_the_last_merge_stays(world):
         meta = events[0].metadata
         assert meta["status"].value == "missing" and "does not exist" in meta["reason"].value
         assert (events[0].tags or {}).get("dagster/data_version") == meta["kept_data_version"].value  # last good
+        # the lineage graph shows why on lora/auto/b: its input_available check fails (WARN, not blocking)
+        [check] = world.last_checks
+        assert check.asset_key == L_B and check.check_name == "input_available" and not check.passed
+        assert check.severity == dg.AssetCheckSeverity.WARN and "does not exist" in check.description
+        summary = world.instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(L_B, "input_available"), limit=1)
+        assert summary and summary[0].event.dagster_event.event_specific_data.passed is False
         assert world.evaluate() == set()  # nothing is requested ...
         assert world.latest_version(M_B) == version_before  # ... the last good merge stays
         from pathlib import Path
@@ -157,7 +165,7 @@ def test_5_vanished_adapter_is_reported_and_the_last_merge_stays(world):
         if not adapter_b.exists():
             shutil.move(stash, adapter_b)
     ev = world.observation_tick()  # back with the same bytes: status ok, same version, nothing to do
-    assert ev[0].metadata["status"].value == "ok"
+    assert ev[0].metadata["status"].value == "ok" and world.last_checks[0].passed
     settled(world)
 
 
