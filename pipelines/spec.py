@@ -430,7 +430,8 @@ class MergeSpec(_Node):
 
 
 class ExportSpec(_Node):
-    """Accepted and validated now; the export assets come with the export/eval issue."""
+    """A quantized or re-cast copy of a model (``export/<pipeline>/<name>``): GGUF (llama.cpp), bitsandbytes 4-bit, or
+    safetensors in another dtype; gated by the blocking checks of the model's evals."""
 
     model: str
     type: Literal["gguf", "bnb", "safetensors"]
@@ -1375,10 +1376,8 @@ class _Checker:
                     continue
                 if t in s.evals or (t.startswith("evals.") and t.partition(".")[2] in s.evals):
                     continue  # evals have assets (eval/<pipeline>/<name>)
-                if t in s.exports or t in s.evals or t.split(".", 1)[0] in ("exports", "evals"):
-                    self.err(f"{where}: '{t}' is an export/eval; those have no assets yet (coming with the "
-                             f"export/eval issue) and cannot be scheduled")
-                    continue
+                if t in s.exports or (t.startswith("exports.") and t.partition(".")[2] in s.exports):
+                    continue  # exports have assets (export/<pipeline>/<name>)
                 self.err(f"{where}: no node named '{t}' (use NAME, SECTION.NAME or '*')"
                          + _did_you_mean(t, list(all_nodes) + self._model_names(MODEL_SECTIONS) + list(s.datasets)))
 
@@ -1468,6 +1467,8 @@ def resolve_schedule_targets(spec: PipelineSpec, sc: ScheduleSpec) -> list[tuple
             out.append(("datasets", t))
         elif t in spec.evals and spec.section_of(t) is None:
             out.append(("evals", t))
+        elif t in spec.exports and spec.section_of(t) is None:
+            out.append(("exports", t))
         else:
             out.append((spec.section_of(t), t))
     return out
