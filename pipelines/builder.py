@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 import dagster as dg
 
 from assets.adapters import build_adapter_asset
+from assets.automation import with_automation
 from assets.base_models import build_base_model_asset
 from assets.common import BuildContext
 from assets.datasets import build_dataset_asset
@@ -65,7 +66,8 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
     for name, node in spec.datasets.items():
         assets.append(build_dataset_asset(bc, name, node))
     for name, node in spec.adapters.items():
-        assets.append(build_adapter_asset(bc, name, node))
+        if node.folder is None:  # folders of adapters: assets/adapter_folders.py (via with_automation)
+            assets.append(build_adapter_asset(bc, name, node))
     for name, node in spec.finetunes.items():
         assets.append(build_finetune_assets(bc, name, node, FINETUNE_RETRY))
     for name, node in spec.merges.items():
@@ -99,9 +101,10 @@ def build_pipeline_defs(spec_or_path: PipelineSpec | str | Path | dict, *, gpu: 
         schedules.append(dg.ScheduleDefinition(
             name=f"{spec.name}__{sname}_schedule", job=job, cron_schedule=sc.cron, execution_timezone=sc.timezone,
             tags=sc.tags or None, description=sc.description or f"Schedule '{sname}' of pipeline '{spec.name}'.",
-            default_status=dg.DefaultScheduleStatus.STOPPED,
+            default_status=dg.DefaultScheduleStatus.RUNNING if sc.enabled else dg.DefaultScheduleStatus.STOPPED,
         ))
-    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules)
+    # observable sources, folder adapters, the re-merge-on-change condition on derived assets, sensors (running)
+    return with_automation(bc, dg.Definitions(assets=assets, jobs=jobs, schedules=schedules))
 
 
 def _resources(resources: Mapping[str, Any] | None) -> dict[str, Any]:

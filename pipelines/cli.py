@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", type=Path)
     p.add_argument("out_file", type=Path)
     p.add_argument("--quant", default="q8_0",
-                   help="f32, f16, bf16, q8_0 (default), q4_0, q4_1, q5_0, q5_1; k-quants (q4_k_m, q5_k_m, q6_k, ...) "
-                        "need llama-cpp-python")
+                   help="f32, f16, bf16, q8_0 (default), q4_0, q4_1, q5_0, q5_1, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k "
+                        "(in-process); q2_k, q3_k_s/m/l need the optional llama-cpp-python")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=cmd_export_gguf)
     return parser

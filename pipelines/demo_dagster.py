@@ -31,8 +31,9 @@ DAGSTER_YAML = """\
 # Storage: the default SQLite files under this directory.
 concurrency:
   pools:
-    # every pool, i.e. mergeline's `gpu` pool (fine-tunes and merges), runs one step at a time
-    default_limit: 1
+    # every pool, i.e. mergeline's `gpu` pool (fine-tunes and merges): as many steps at once as this host has GPUs
+    # (1 without a GPU), so two merges never share one GPU (with device: auto each step claims its own GPU)
+    default_limit: {gpus}
 telemetry:
   enabled: false
 nux:
@@ -46,7 +47,9 @@ def prepare_home(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
-        cfg.write_text(DAGSTER_YAML)
+        from resources.gpu_slots import gpu_count_for_pool
+
+        cfg.write_text(DAGSTER_YAML.replace("{gpus}", str(gpu_count_for_pool())))
     return home
 
 

@@ -138,6 +138,30 @@ class ToyModelSpec(_Strict):
         return v
 
 
+class ObserveSpec(_Strict):
+    """How often mergeline observes an input it does not produce (a local directory another tool writes, a Hub repo
+    that gets new revisions). ``observe: false`` turns observation off, ``observe: 30`` sets the interval."""
+
+    enabled: bool = True
+    interval_seconds: int = Field(60, ge=1, le=7 * 86400)
+
+
+def _observe_shorthand(v: Any) -> Any:
+    if isinstance(v, bool):
+        return {"enabled": v}
+    if isinstance(v, int):
+        return {"interval_seconds": v}
+    return v
+
+
+class AutomationSpec(_Strict):
+    """Pipeline-wide automation: ``enabled`` attaches the re-merge-on-change condition to derived assets and ships
+    the automation sensor running; ``interval_seconds`` is that sensor's tick interval."""
+
+    enabled: bool = True
+    interval_seconds: int = Field(30, ge=1, le=86400)
+
+
 class BaseModelSpec(_Node):
     """Exactly one of ``toy``, ``path`` (a local model directory) or ``hub`` (a repo id, with ``revision``)."""
 
@@ -147,6 +171,12 @@ class BaseModelSpec(_Node):
     revision: str | None = None
     allow_patterns: list[str] | None = None
     architecture: str | None = Field(None, description="declared architecture, e.g. LlamaForCausalLM (hub models)")
+    observe: ObserveSpec | None = None
+
+    @field_validator("observe", mode="before")
+    @classmethod
+    def _observe(cls, v):
+        return _observe_shorthand(v)
 
     @field_validator("revision", mode="before")
     @classmethod
@@ -155,6 +185,8 @@ class BaseModelSpec(_Node):
 
     @model_validator(mode="after")
     def _one_source(self):
+        if self.toy is not None and self.observe is not None:
+            raise ValueError("'observe' only applies to 'path' and 'hub' models (a toy model is built by mergeline)")
         given = [k for k in ("toy", "path", "hub") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of 'toy', 'path' or 'hub'" + (f" (got {', '.join(given)})" if given else ""))
@@ -261,6 +293,13 @@ class AdapterSpec(_Node):
     path: str | None = None
     hub: str | None = None
     revision: str | None = None
+    folder: str | None = Field(None, description="a directory of adapters: one dynamic partition per subdirectory")
+    observe: ObserveSpec | None = None
+
+    @field_validator("observe", mode="before")
+    @classmethod
+    def _observe(cls, v):
+        return _observe_shorthand(v)
 
     @field_validator("revision", mode="before")
     @classmethod
@@ -269,8 +308,9 @@ class AdapterSpec(_Node):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of 'path' or 'hub'")
+        given = [k for k in ("path", "hub", "folder") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'path', 'hub' or 'folder'" + (f" (got {', '.join(given)})" if given else ""))
         if self.hub is None and self.revision is not None:
             raise ValueError("'revision' only applies to 'hub' adapters")
         return self
@@ -390,7 +430,8 @@ class MergeSpec(_Node):
 
 
 class ExportSpec(_Node):
-    """Accepted and validated now; the export assets come with the export/eval issue."""
+    """A quantized or re-cast copy of a model (``export/<pipeline>/<name>``): GGUF (llama.cpp), bitsandbytes 4-bit, or
+    safetensors in another dtype; gated by the blocking checks of the model's evals."""
 
     model: str
     type: Literal["gguf", "bnb", "safetensors"]
@@ -597,6 +638,7 @@ class ScheduleSpec(_Strict):
     timezone: str = "UTC"
     tags: dict[str, str] = Field(default_factory=dict)
     description: str | None = None
+    enabled: bool = Field(True, description="ship the schedule running (false: stopped until turned on in the UI)")
 
     @field_validator("tags", mode="before")
     @classmethod
@@ -643,6 +685,7 @@ class PipelineSpec(_Labelled):
     exports: dict[str, ExportSpec] = Field(default_factory=dict)
     evals: dict[str, EvalSpec] = Field(default_factory=dict)
     schedules: dict[str, ScheduleSpec] = Field(default_factory=dict)
+    automation: AutomationSpec = Field(default_factory=AutomationSpec)
 
     _source: str = PrivateAttr("<pipeline>")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -654,6 +697,13 @@ class PipelineSpec(_Labelled):
     @classmethod
     def _none_is_empty(cls, v):
         return {} if v is None else v
+
+    @field_validator("automation", mode="before")
+    @classmethod
+    def _automation_shorthand(cls, v):
+        if v is None:
+            return {}
+        return {"enabled": v} if isinstance(v, bool) else v
 
     # -- accessors ---------------------------------------------------------------------------------------------------
     @property
@@ -734,7 +784,8 @@ def _fmt_loc(loc: tuple[Any, ...]) -> str:
         s = str(part)
         # pydantic adds union-branch / validator labels to locations; they are not YAML keys
         if "[" in s or "(" in s or s in ("str", "int", "float", "bool", "list", "dict", "ToyModelSpec",
-                                         "GeneratedDatasetSpec", "EvalTaskSpec", "FilteredValue"):
+                                         "GeneratedDatasetSpec", "EvalTaskSpec", "FilteredValue",
+                                         "ObserveSpec", "AutomationSpec"):
             continue
         out += ("." if out else "") + s
     return out or "<top level>"
@@ -749,7 +800,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
                       "adapters": AdapterSpec, "merges": MergeSpec, "exports": ExportSpec, "evals": EvalSpec,
                       "schedules": ScheduleSpec}
     nested = {"toy": ToyModelSpec, "generated": GeneratedDatasetSpec, "models": ModelEntry, "slices": SliceSpec,
-              "tasks": EvalTaskSpec, "checks": EvalCheckSpec}
+              "tasks": EvalTaskSpec, "checks": EvalCheckSpec, "observe": ObserveSpec,
+              "automation": AutomationSpec}
     nested["publish"] = PublishSpec
     from merge_ops.config import SliceSource
 
@@ -757,6 +809,10 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     while i < len(parts):
         p = parts[i]
         if isinstance(p, int):
+            i += 1
+            continue
+        if model is PipelineSpec and p == "automation":
+            model = AutomationSpec
             i += 1
             continue
         if model is PipelineSpec and p in section_models:
@@ -901,7 +957,30 @@ class _Checker:
         for name in s.evals:
             self._eval(name)
         self._publish()
+        self._folders()
         return self.errors, self.warnings
+
+    def _folders(self) -> None:
+        """A ``folder:`` adapter stands for many adapters (one partition each) and gets its own per-adapter merge
+        into its base, ``merged/<pipeline>/<name>``; no other node can consume it as one model."""
+        s = self.s
+        folders = {n for n, a in s.adapters.items() if a.folder is not None}
+        if not folders:
+            return
+        for name, m in s.merges.items():
+            for path, ref in m.references():
+                for part in ref.split("+"):
+                    if part in folders:
+                        self.err(f"merges.{name}.{path}: adapter '{part}' is a folder of adapters (one partition "
+                                 f"each); it is merged into its base per adapter as merged/{s.name}/{part} and cannot "
+                                 f"be an input of another merge")
+        for name in folders:
+            if name in s.merges:
+                continue  # already reported as a duplicate name
+            a = s.adapters[name]
+            if a.observe is not None and not a.observe.enabled:
+                self.err(f"adapters.{name}.observe: a folder of adapters is discovered by observing it; it cannot "
+                         f"be turned off")
 
     # names, owners, tags ------------------------------------------------------------------------------------------
     def _names(self) -> None:
@@ -971,7 +1050,19 @@ class _Checker:
             if a.path is not None and self.check_files:
                 p = s.resolve_path(a.path)
                 if not (p / "adapter_config.json").is_file():
-                    self.err(f"{where}.path: '{p}' is not a PEFT adapter directory (no adapter_config.json)")
+                    msg = f"{where}.path: '{p}' is not a PEFT adapter directory (no adapter_config.json)"
+                    if a.observe is None or a.observe.enabled:
+                        # observed: the pipeline still loads; the observation reports the adapter missing and the
+                        # last good merge stays (an error here would take the whole code location down)
+                        self.warnings.append(msg + "; it is observed, so the pipeline loads and the observation "
+                                                   "reports it missing")
+                    else:
+                        self.err(msg)
+            if a.folder is not None and self.check_files:
+                p = s.resolve_path(a.folder)
+                if not p.is_dir():
+                    self.warnings.append(f"{where}.folder: '{p}' does not exist (yet); its adapters appear as "
+                                         f"partitions once it does")
         for name, d in s.datasets.items():
             where = f"datasets.{name}"
             if d.hub is not None:
@@ -1285,10 +1376,8 @@ class _Checker:
                     continue
                 if t in s.evals or (t.startswith("evals.") and t.partition(".")[2] in s.evals):
                     continue  # evals have assets (eval/<pipeline>/<name>)
-                if t in s.exports or t in s.evals or t.split(".", 1)[0] in ("exports", "evals"):
-                    self.err(f"{where}: '{t}' is an export/eval; those have no assets yet (coming with the "
-                             f"export/eval issue) and cannot be scheduled")
-                    continue
+                if t in s.exports or (t.startswith("exports.") and t.partition(".")[2] in s.exports):
+                    continue  # exports have assets (export/<pipeline>/<name>)
                 self.err(f"{where}: no node named '{t}' (use NAME, SECTION.NAME or '*')"
                          + _did_you_mean(t, list(all_nodes) + self._model_names(MODEL_SECTIONS) + list(s.datasets)))
 
@@ -1378,6 +1467,8 @@ def resolve_schedule_targets(spec: PipelineSpec, sc: ScheduleSpec) -> list[tuple
             out.append(("datasets", t))
         elif t in spec.evals and spec.section_of(t) is None:
             out.append(("evals", t))
+        elif t in spec.exports and spec.section_of(t) is None:
+            out.append(("exports", t))
         else:
             out.append((spec.section_of(t), t))
     return out
@@ -1397,6 +1488,10 @@ def pipeline_outline(spec: PipelineSpec) -> list[str]:
                else ", ".join(d.paths))
         out.append(f"dataset/{p}/{name}  <- {src}")
     for name, a in spec.adapters.items():
+        if a.folder is not None:
+            out.append(f"lora/{p}/{name} + merged/{p}/{name}  <- every adapter in folder {a.folder} (one partition "
+                       f"each), merged into {a.base}")
+            continue
         src = f"hub {a.hub}@{a.revision}" if a.hub else f"local {a.path}"
         out.append(f"lora/{p}/{name}  <- {src} (for {a.base})")
     for name, f in spec.finetunes.items():

@@ -63,7 +63,9 @@ class GpuResource(dg.ConfigurableResource):
         missing."""
         from merge_ops.device import resolve_device
 
-        dev = resolve_device(self.device)
+        from .gpu_slots import step_device
+
+        dev = resolve_device(step_device(self.device))  # auto on a multi-GPU host: this step's own GPU
         return str(dev) if dev.type == "cpu" else f"cuda:{dev.index or 0}"
 
     def budget_bytes(self) -> int | None:
@@ -79,7 +81,9 @@ class GpuResource(dg.ConfigurableResource):
         from merge_ops.api import MergeOptions
         from merge_ops.executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS
 
-        opts: dict[str, Any] = {"device": self.device, "seed": seed, "compute_dtype": self.dtype}
+        from .gpu_slots import step_device
+
+        opts: dict[str, Any] = {"device": step_device(self.device), "seed": seed, "compute_dtype": self.dtype}
         budget = self.budget_bytes()
         if budget is not None:
             opts["cache_bytes"] = max(1 << 20, min(DEFAULT_CACHE_BYTES, budget // 8))

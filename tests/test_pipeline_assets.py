@@ -310,7 +310,9 @@ def test_local_base_external_adapter_and_merge_of_merges(tmp_path):
     blend = latest(inst, key("merged", "local", "blend"))
     assert set(meta_value(blend, "input_data_versions")) == {"merged/local/chat_ta", "base_model/local/base"}
     graph = defs.resolve_asset_graph()
-    assert graph.get(key("lora", "local", "chat")).parent_keys == {key("base_model", "local", "base")}
+    # + the observable source of the external adapter (assets/observations.py)
+    assert graph.get(key("lora", "local", "chat")).parent_keys == {key("base_model", "local", "base"),
+                                                                   key("source", "local", "chat")}
     assert graph.get(key("merged", "local", "chat_ta")).parent_keys == {key("base_model", "local", "base"),
                                                                         key("lora", "local", "chat")}
 
