@@ -15,7 +15,7 @@ float16 export of ``m_a`` and of ``m_b``, a folder of adapters as dynamic partit
    after it); lowering the threshold re-runs the eval, its check passes, and the export of the new ``m_a`` is
    requested and built.
 
-The tests share one world (building it, with two lm-eval runs, costs ~30 s here) and run in file order; each starts
+The tests share one world (building it, with two lm-eval runs and two exports, costs ~20-35 s here; the file ~80 s) and run in file order; each starts
 from, and leaves, a settled state: an evaluation that requests nothing.
 
 The eval's blocking check is ``acc >= min`` on 4 samples; the test sets ``min`` in the spec to 0 (no model can fail)
@@ -67,6 +67,8 @@ def check_events(res: dg.ExecuteInJobResult) -> dict[str, bool]:
 
 
 def test_world_has_real_evals_and_exports(world):
+    from transformers import AutoTokenizer
+
     graph = world.defs().resolve_asset_graph()
     # the export of a model depends on its merge and on its eval, whose check is blocking
     assert graph.get(X_A).parent_keys == {M_A, E_A} and graph.get(X_B).parent_keys == {M_B, E_B}
@@ -79,8 +81,6 @@ def test_world_has_real_evals_and_exports(world):
     # the merges carry the base's tokenizer, and lm-eval scored the demo task on them: 4 samples, acc in [0, 1]
     for m, e, x in (("m_a", E_A, X_A), ("m_b", E_B, X_B)):
         merged_dir = latest_meta(world, K("merged", m))["path"].value
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(merged_dir)
         ids = tok("calc: 42+4=46")["input_ids"]
         assert tok.unk_token_id not in ids and len(ids) > 3
