@@ -1,29 +1,41 @@
-"""A small real pipeline for the automation tests: a local base model directory and two local PEFT adapters written
-by "another tool" (this module), three merges (one per adapter and one of both), and stand-ins for the exports/evals
-other modules add (``export/<pipeline>/<merge>_x``, keyed so the builder's hook gives them the same automation
-condition it gives real exports), with an optional blocking check on a merge.
+"""A small real pipeline for the automation tests: a local base model directory (tiny Llama with its BPE tokenizer) and
+two local PEFT adapters written by "another tool" (this module), three merges (one per adapter and one of both), a
+real lm-eval eval of ``m_a`` and of ``m_b`` (``eval/auto/<merge>_eval``: the demo's held-out ``arithmetic_choice``
+multiple-choice task, 4 samples, with one blocking ``min`` check) and a real safetensors float16 export of each
+(``export/auto/<merge>_st``, which depends on the eval of the same model and is gated by its blocking check).
+
+The test controls the eval's blocking check through the threshold in the spec (:attr:`World.eval_min`):
+:data:`GATE_PASS` (accuracy >= 0: passes for every model) or :data:`GATE_FAIL` (accuracy >= 1.01: fails for every
+model). The threshold is part of the eval's YAML node, so changing it changes the eval's code version — the eval is
+re-requested for that reason, and the test says so.
 
 Everything lives in a temp directory with a SQLite ``DagsterInstance`` (``local_temp``), and every materialization is
-real (safetensors written by the merge engine, content-hash data versions).
+real (safetensors written by the merge engine, lm-eval runs, content-hash data versions).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 import torch
 
-from assets.automation import apply_conditions, derived_asset_condition
 from assets.observations import build_observation_sensor, observed_inputs
 from pipelines.builder import build_definitions
 from resources.device import GpuResource
+from resources.evaluator import EvaluatorResource
 from resources.hub import HubResource
+from resources.launcher import StepLauncherResource
 from resources.model_store import ModelStoreResource
 
 P = "auto"
+#: the demo's held-out multiple-choice arithmetic task (its data file sits next to it)
+TASK_YAML = Path(__file__).resolve().parents[1] / "pipelines" / "examples" / "demo" / "tasks" / "arithmetic_choice.yaml"
+GATE_PASS = 0.0  # accuracy is >= 0 for every model
+GATE_FAIL = 1.01  # accuracy is <= 1 for every model: no model can pass
+EVALUATED = ("m_a", "m_b")  # merges with an eval and an export
+GATE_CHECK = "arithmetic_choice_acc_min"  # the check's name, derived from task, metric and bound (not the value)
 
 
 def K(kind: str, name: str) -> dg.AssetKey:
@@ -37,9 +49,10 @@ def write_adapter(base: Path, out: Path, seed: int) -> Path:
     return save_lora_adapter(base, out, seed=seed, r=4, alpha=8, targets=("q_proj", "v_proj"))
 
 
-def spec_dict(root: Path, *, merge_code_versions: dict[str, str] | None = None, observe_interval: int = 1,
-              automation_interval: int = 1) -> dict:
+def spec_dict(root: Path, *, merge_code_versions: dict[str, str] | None = None,
+              eval_min: dict[str, float] | None = None, observe_interval: int = 1, automation_interval: int = 1) -> dict:
     cv = merge_code_versions or {}
+    gates = eval_min or {}
 
     def merge(models: list[tuple[str, float]], name: str) -> dict:
         m = {"method": "task_arithmetic", "base_model": "base", "dtype": "float32",
@@ -64,29 +77,29 @@ def spec_dict(root: Path, *, merge_code_versions: dict[str, str] | None = None, 
             "m_b": merge([("b", 1.0)], "m_b"),
             "m_ab": merge([("a", 0.5), ("b", 0.5)], "m_ab"),
         },
+        # evals before exports: each export depends on the evals of its model (and is gated by their blocking checks)
+        "evals": {
+            f"{m}_eval": {
+                "model": m,
+                "tasks": [{"name": "arithmetic_choice", "path": str(TASK_YAML)}],
+                "limit": 4,
+                "batch_size": 4,
+                "checks": [{"task": "arithmetic_choice", "metric": "acc", "min": gates.get(m, GATE_PASS),
+                            "blocking": True}],
+            } for m in EVALUATED
+        },
+        "exports": {f"{m}_st": {"model": m, "type": "safetensors", "quant": "float16", "fidelity": False}
+                    for m in EVALUATED},
     }
-
-
-def stand_in_export(merge: str) -> dg.AssetsDefinition:
-    """What an export/eval asset looks like to automation: keyed ``export/<pipeline>/…``, depending on a merge,
-    reporting a data version derived from its input's."""
-    up = K("merged", merge)
-
-    @dg.asset(key=K("export", f"{merge}_x"), deps=[up], group_name=P, code_version="1")
-    def _export(context) -> dg.MaterializeResult:
-        ev = context.instance.get_latest_materialization_event(up)
-        dv = (ev.asset_materialization.tags or {}).get("dagster/data_version", "")
-        return dg.MaterializeResult(data_version=dg.DataVersion(hashlib.sha256(f"x:{dv}".encode()).hexdigest()))
-
-    return _export
 
 
 @dataclass
 class World:
     root: Path
     instance: dg.DagsterInstance
-    check_passes: dict[str, bool] = field(default_factory=lambda: {"ok": True})
     merge_code_versions: dict[str, str] = field(default_factory=dict)
+    #: merge -> the ``min`` of its eval's blocking check (default :data:`GATE_PASS`)
+    eval_min: dict[str, float] = field(default_factory=dict)
     cursor: object = None
     eager_cursor: object = None
     last_checks: list = field(default_factory=list)
@@ -94,29 +107,23 @@ class World:
     # -- definitions ------------------------------------------------------------------------------------------------
     def resources(self) -> dict:
         return {"gpu": GpuResource(device="cpu"), "model_store": ModelStoreResource(root=str(self.root / "store")),
-                "hub": HubResource(offline=True)}
+                "hub": HubResource(offline=True), "evaluator": EvaluatorResource(device="cpu"),
+                "launcher": StepLauncherResource(mode="in_process")}
+
+    def spec(self) -> dict:
+        return spec_dict(self.root, merge_code_versions=self.merge_code_versions, eval_min=self.eval_min)
 
     def defs(self, eager: bool = False) -> dg.Definitions:
         """The pipeline's definitions; ``eager=True``: the same graph with plain ``AutomationCondition.eager()`` on the
         derived assets (the behaviour this project replaces), for contrast. Cached per code-version state."""
-        ck = (eager, tuple(sorted(self.merge_code_versions.items())))
+        ck = (eager, tuple(sorted(self.merge_code_versions.items())), tuple(sorted(self.eval_min.items())))
         cache = self.__dict__.setdefault("_defs_cache", {})
         if ck not in cache:
             cache[ck] = self._build_defs(eager)
         return cache[ck]
 
     def _build_defs(self, eager: bool) -> dg.Definitions:
-        base = build_definitions(spec_dict(self.root, merge_code_versions=self.merge_code_versions),
-                                 resources=self.resources())
-        passes = self.check_passes
-
-        @dg.asset_check(asset=K("merged", "m_a"), blocking=True, name="quality_gate")
-        def _gate() -> dg.AssetCheckResult:
-            return dg.AssetCheckResult(passed=passes["ok"], metadata={"gate": passes["ok"]})
-
-        extra = apply_conditions([stand_in_export("m_a"), stand_in_export("m_b")],
-                                 condition=derived_asset_condition())
-        defs = dg.Definitions.merge(base, dg.Definitions(assets=extra, asset_checks=[_gate]))
+        defs = build_definitions(self.spec(), resources=self.resources())
         if eager:
             eager_cond = dg.AutomationCondition.eager()
             defs = dg.Definitions(
@@ -153,7 +160,7 @@ class World:
         from assets.common import BuildContext
         from pipelines.spec import parse_pipeline
 
-        spec = parse_pipeline(spec_dict(self.root, merge_code_versions=self.merge_code_versions))
+        spec = parse_pipeline(self.spec())
         sensor = build_observation_sensor(BuildContext(spec), observed_inputs(BuildContext(spec)))
         # cursor None: every input is due (the cursor only records when each was last checked)
         ctx = dg.build_sensor_context(instance=self.instance, cursor=None, resources={"hub": HubResource(offline=True)})
@@ -181,6 +188,12 @@ class World:
         res = dg.evaluate_automation_conditions(defs=self.defs(), instance=self.instance, cursor=self.cursor)
         self.cursor = res.cursor
         return {r.key: set(res.get_requested_partitions(r.key)) for r in res.results if r.true_subset.size > 0}
+
+    def latest_gate(self, merge: str) -> dg.AssetCheckEvaluation:
+        """The latest evaluation of the blocking check of ``merge``'s eval (from the instance, not from a run)."""
+        key = dg.AssetCheckKey(K("eval", f"{merge}_eval"), GATE_CHECK)
+        [rec] = self.instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
+        return rec.event.dagster_event.event_specific_data
 
     def latest_version(self, key: dg.AssetKey) -> str | None:
         ev = self.instance.get_latest_materialization_event(key)

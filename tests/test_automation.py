@@ -1,14 +1,25 @@
 """Incremental by default (issue 4): ``dagster.evaluate_automation_conditions`` over a SQLite instance with real
-materializations of a real pipeline (tests/automation_world.py: a local base model directory, two local PEFT
-adapters written by "another tool", merges of each and of both, export stand-ins, a blocking check, a folder of
-adapters as dynamic partitions).
+materializations of a real pipeline (tests/automation_world.py: a local base model directory with its tokenizer, two
+local PEFT adapters written by "another tool", merges of each and of both, a real lm-eval eval and a real safetensors
+float16 export of ``m_a`` and of ``m_b``, a folder of adapters as dynamic partitions). What it proves:
 
-The tests share one world (building it costs ~30 s here) and run in file order; each starts from, and leaves, a
-settled state: an evaluation that requests nothing.
+1. re-materializing the adapters and the base with identical bytes (and re-observing them) requests nothing, where
+   plain ``eager()`` re-requests the merges;
+2. new bytes in adapter ``a`` request ``lora/auto/a``, then exactly the merges using it (``m_a``, ``m_ab``), then the
+   eval and the export of ``m_a`` (one run, eval first; ``m_ab`` has neither) — never anything of ``m_b``;
+3. bumping a merge's code version requests that merge; identical output bytes request nothing after it;
+4. a failed blocking check of the real eval of ``m_a`` stops ``export/auto/m_a_st``: when the threshold is raised
+   (the eval's code version changes: the eval, not the export, is re-requested; after its check failed the export is
+   not requested, tick after tick), and when a new ``m_a`` arrives under the raised threshold (eval and export are
+   requested in one tick and run as one run, where the failed check skips the export step; nothing is requested
+   after it); lowering the threshold re-runs the eval, its check passes, and the export of the new ``m_a`` is
+   requested and built.
 
-Exports and evals: the builder's hook gives every ``export/…`` and ``eval/…`` asset the same condition by key
-prefix; the ``export/auto/<merge>_x`` stand-ins get it through the same function (``apply_conditions``). When the
-export/eval assets exist, add them to the world's spec and extend the expected sets below.
+The tests share one world (building it, with two lm-eval runs and two exports, costs ~20-35 s here; the file ~80 s) and run in file order; each starts
+from, and leaves, a settled state: an evaluation that requests nothing.
+
+The eval's blocking check is ``acc >= min`` on 4 samples; the test sets ``min`` in the spec to 0 (no model can fail)
+or 1.01 (no model can pass), so pass/fail does not depend on what a random tiny model happens to score.
 """
 
 from __future__ import annotations
@@ -19,13 +30,15 @@ import dagster as dg
 import pytest
 
 from assets.automation import derived_asset_condition
-from tests.automation_world import K, World, make_world, write_adapter
+from tests.automation_world import GATE_CHECK, GATE_FAIL, GATE_PASS, K, World, make_world, write_adapter
 
 pytestmark = pytest.mark.timeout(300)
 
 M_A, M_B, M_AB = K("merged", "m_a"), K("merged", "m_b"), K("merged", "m_ab")
-X_A, X_B = K("export", "m_a_x"), K("export", "m_b_x")
+E_A, E_B = K("eval", "m_a_eval"), K("eval", "m_b_eval")
+X_A, X_B = K("export", "m_a_st"), K("export", "m_b_st")
 L_A, L_B = K("lora", "a"), K("lora", "b")
+OF_B = (L_B, M_B, E_B, X_B)  # nothing of these may be requested or rebuilt when only adapter a changes
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +56,51 @@ def mat_count(w: World, key: dg.AssetKey) -> int:
     return len(w.instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1000).records)
 
 
+def latest_meta(w: World, key: dg.AssetKey) -> dict:
+    return w.instance.get_latest_materialization_event(key).asset_materialization.metadata
+
+
+def check_events(res: dg.ExecuteInJobResult) -> dict[str, bool]:
+    """check key (``asset/check``) -> passed, for the checks a run evaluated."""
+    return {f"{e.event_specific_data.asset_key.to_user_string()}/{e.event_specific_data.check_name}":
+            e.event_specific_data.passed for e in res.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+
+
+def test_world_has_real_evals_and_exports(world):
+    from transformers import AutoTokenizer
+
+    graph = world.defs().resolve_asset_graph()
+    # the export of a model depends on its merge and on its eval, whose check is blocking
+    assert graph.get(X_A).parent_keys == {M_A, E_A} and graph.get(X_B).parent_keys == {M_B, E_B}
+    assert graph.get(E_A).parent_keys == {M_A} and graph.get(E_B).parent_keys == {M_B}
+    assert not graph.get(M_AB).child_keys  # m_ab has no eval and no export
+    for e in (E_A, E_B):
+        spec = world.defs().get_assets_def(e).check_specs_by_output_name
+        [check] = spec.values()
+        assert check.name == GATE_CHECK and check.blocking
+    # the merges carry the base's tokenizer, and lm-eval scored the demo task on them: 4 samples, acc in [0, 1]
+    for m, e, x in (("m_a", E_A, X_A), ("m_b", E_B, X_B)):
+        merged_dir = latest_meta(world, K("merged", m))["path"].value
+        tok = AutoTokenizer.from_pretrained(merged_dir)
+        ids = tok("calc: 42+4=46")["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) > 3
+        meta = latest_meta(world, e)
+        scores = meta["results"].value["scores"][m]["arithmetic_choice"]
+        assert 0.0 <= scores["acc"] <= 1.0 and scores["acc"] * 4 == round(scores["acc"] * 4)
+        assert meta["limit"].value == 4
+        gate = world.latest_gate(m)
+        assert gate.passed and gate.metadata["min"].value == GATE_PASS
+        assert gate.metadata["observed"].value == scores["acc"]
+        xm = latest_meta(world, x)
+        assert xm["type"].value == "safetensors" and xm["quant"].value == "float16"
+        assert xm["input_data_versions"].value == {K("merged", m).to_user_string(): world.latest_version(K("merged", m))}
+        assert 1.9 < xm["compression_ratio"].value < 2.1  # float32 merge -> float16 export
+
+
 def test_condition_is_on_derived_assets_only(world):
     graph = world.defs().resolve_asset_graph()
     cond = derived_asset_condition()
-    for key in (M_A, M_B, M_AB, X_A, X_B, L_A, L_B, K("base_model", "base"), K("merged", "community")):
+    for key in (M_A, M_B, M_AB, E_A, E_B, X_A, X_B, L_A, L_B, K("base_model", "base"), K("merged", "community")):
         assert graph.get(key).automation_condition == cond, key
     assert graph.get(K("lora", "community")).automation_condition is None  # the folder sensor requests it
     # every external input feeds its asset through an observable source, with an input_available check on it
@@ -74,8 +128,8 @@ def test_1_identical_bytes_request_nothing(world):
 
 def test_2_changed_adapter_requests_exactly_its_downstream(world):
     settled(world)
-    m_b_runs = mat_count(world, M_B)
-    old = {k: world.latest_version(k) for k in (L_A, M_A, M_AB, X_A)}
+    runs_of_b = {k: mat_count(world, k) for k in OF_B}
+    old = {k: world.latest_version(k) for k in (L_A, M_A, M_AB, E_A, X_A)}
     write_adapter(world.root / "base", world.root / "adapters" / "a", seed=11)  # the other tool writes new weights
     events = world.observation_tick()
     assert [e.asset_key for e in events] == [K("source", "a")]
@@ -85,48 +139,81 @@ def test_2_changed_adapter_requests_exactly_its_downstream(world):
     assert world.evaluate() == {M_A, M_AB}  # not m_b: it does not use adapter a
     world.materialize(M_A, M_AB)
     assert world.latest_version(M_A) != old[M_A] and world.latest_version(M_AB) != old[M_AB]
-    assert world.evaluate() == {X_A}  # the export of m_a; m_ab has none
-    world.materialize(X_A)
-    assert world.latest_version(X_A) != old[X_A]
+    # the eval and the export of m_a (m_ab has neither); requested in one tick, they run as one run, eval first,
+    # so the eval's blocking check gates the export inside that run
+    assert world.evaluate() == {E_A, X_A}
+    res = world.materialize(E_A, X_A)
+    assert check_events(res) == {f"{E_A.to_user_string()}/{GATE_CHECK}": True}
+    assert world.latest_version(E_A) != old[E_A] and world.latest_version(X_A) != old[X_A]
+    assert latest_meta(world, X_A)["input_data_versions"].value == {M_A.to_user_string(): world.latest_version(M_A)}
+    # the export's new eval input came from the run that also built the export: not a reason to build it again
     settled(world)
-    assert mat_count(world, M_B) == m_b_runs
+    assert {k: mat_count(world, k) for k in OF_B} == runs_of_b
 
 
 def test_3_code_version_bump_requests_the_merge(world):
     settled(world)
-    before = world.latest_version(M_B)
+    before = {k: world.latest_version(k) for k in (M_B, E_B, X_B)}
+    runs = {k: mat_count(world, k) for k in (E_B, X_B)}
     world.merge_code_versions["m_b"] = "2"  # someone bumps merges.m_b.code_version in the YAML
     assert world.evaluate() == {M_B}
     world.materialize(M_B)
-    # same inputs, same method: same bytes, so the export after it is not requested
-    assert world.latest_version(M_B) == before
+    # same inputs, same method: same bytes, so neither the eval nor the export after it is requested
+    assert world.latest_version(M_B) == before[M_B]
     settled(world)
+    assert {k: world.latest_version(k) for k in (M_B, E_B, X_B)} == before
+    assert {k: mat_count(world, k) for k in (E_B, X_B)} == runs
 
 
-def test_4_failed_blocking_check_stops_the_export(world):
+def test_4_failed_blocking_eval_check_stops_the_export(world):
     settled(world)
-    world.check_passes["ok"] = False
+    runs_of_b = {k: mat_count(world, k) for k in OF_B}
+    x_runs, x_version = mat_count(world, X_A), world.latest_version(X_A)
+    gate = f"{E_A.to_user_string()}/{GATE_CHECK}"
+
+    # (a) the gate is raised above any accuracy: the threshold is part of the eval's node, so the eval's code version
+    # changed and the eval (only) is re-requested; its check fails and the export is not requested
+    world.eval_min["m_a"] = GATE_FAIL
+    assert world.evaluate() == {E_A}
+    res = world.materialize(E_A, expect_success=False)  # the eval materializes; its blocking check fails the step
+    assert check_events(res) == {gate: False}
+    failed = world.latest_gate("m_a")
+    assert not failed.passed and failed.metadata["min"].value == GATE_FAIL
+    assert "FAILED" in failed.description and f"< min {GATE_FAIL:g}" in failed.description
+    assert world.evaluate() == set()  # export/auto/m_a_st waits on the failed gate ...
+    assert world.evaluate() == set()  # ... tick after tick
+
+    # (b) a new m_a under the failing gate: lora, merges, the eval again — and still no export
     write_adapter(world.root / "base", world.root / "adapters" / "a", seed=12)
     world.observation_tick()
     assert world.evaluate() == {L_A}
     world.materialize(L_A)
     assert world.evaluate() == {M_A, M_AB}
-    res = world.materialize(M_A, M_AB, expect_success=False)  # m_a materializes; its blocking check fails
-    checks = [e for e in res.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
-    assert checks and not checks[0].event_specific_data.passed
-    assert world.evaluate() == set()  # export/auto/m_a_x waits on the failed gate
+    world.materialize(M_A, M_AB)
+    # the eval and the export are requested in one tick (Dagster's all_blocking_checks_passed is true for a check
+    # that will run in the same tick), so they run as one run, eval first: the failed check skips the export step
+    assert world.evaluate() == {E_A, X_A}
+    res = world.materialize(E_A, X_A, expect_success=False)
+    assert check_events(res) == {gate: False}
+    # the eval step failed on its blocking check, after materializing; the export step never started
+    assert [e.step_key for e in res.all_events if e.event_type_value == "STEP_START"] == ["eval__auto__m_a_eval"]
+    assert [e.asset_key for e in res.get_asset_materialization_events()] == [E_A]
     assert world.evaluate() == set()
-    # the gate passes on a re-check: the export goes
-    world.check_passes["ok"] = True
-    defs = world.defs()
-    job_res = dg.materialize([*[a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_executable
-                                and a.partitions_def is None], *defs.asset_checks], instance=world.instance,
-                             resources=defs.resources, selection=dg.AssetSelection.checks_for_assets(M_A))
-    assert job_res.success and [e.event_specific_data.passed for e in job_res.all_events
-                                if e.event_type_value == "ASSET_CHECK_EVALUATION"] == [True]
+    assert world.evaluate() == set()
+    assert (mat_count(world, X_A), world.latest_version(X_A)) == (x_runs, x_version)
+
+    # (c) the gate is lowered again: the eval is re-requested (code version), passes, and releases the export
+    world.eval_min["m_a"] = GATE_PASS
+    assert world.evaluate() == {E_A}
+    assert check_events(world.materialize(E_A)) == {gate: True}
+    assert world.latest_gate("m_a").passed
     assert world.evaluate() == {X_A}
     world.materialize(X_A)
+    assert mat_count(world, X_A) == x_runs + 1 and world.latest_version(X_A) != x_version
+    # the export holds the new m_a
+    assert latest_meta(world, X_A)["input_data_versions"].value == {M_A.to_user_string(): world.latest_version(M_A)}
     settled(world)
+    assert {k: mat_count(world, k) for k in OF_B} == runs_of_b
 
 
 def test_5_vanished_adapter_is_reported_and_the_last_merge_stays(world):

@@ -32,7 +32,6 @@ from gguf import quants as gq
 from merge_ops.gguf_export import GgufExportError, export_gguf
 from tests.gguf_models import CHAT_TEMPLATE, save_family_model
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BASE = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 QT = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "q5_0": T.Q5_0, "q5_1": T.Q5_1}

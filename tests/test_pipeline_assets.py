@@ -521,11 +521,17 @@ def _hub_pipeline(revision: str) -> dict:
     }
 
 
-def test_hub_models_adapters_datasets_at_pinned_revision_into_the_store(fake_hub, tmp_path):
+def _client_online(monkeypatch) -> None:
+    """The fake Hub is on loopback: let the client talk to it even where HF_HUB_OFFLINE=1 is set for the session
+    (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE is set in this environment: the client refuses even a loopback endpoint")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_hub_models_adapters_datasets_at_pinned_revision_into_the_store(fake_hub, tmp_path, monkeypatch):
+    _client_online(monkeypatch)
     sha = fake_hub.sha
     store = ModelStoreResource(root=str(tmp_path / "store"))
     cache = str(tmp_path / "hf-cache")
@@ -555,11 +561,8 @@ def test_hub_models_adapters_datasets_at_pinned_revision_into_the_store(fake_hub
         base.tags["dagster/data_version"]
 
 
-def test_hub_missing_revision_is_a_clear_step_failure(fake_hub, tmp_path):
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE is set in this environment")
+def test_hub_missing_revision_is_a_clear_step_failure(fake_hub, tmp_path, monkeypatch):
+    _client_online(monkeypatch)
     spec = parse_pipeline({"name": "hubp", "base_models": {"llama": {"hub": "acme/tiny-llama", "revision": "d" * 40}}})
     defs = build_definitions(spec, resources={"model_store": ModelStoreResource(root=str(tmp_path / "s")),
                                               "hub": HubResource(endpoint=fake_hub.url, cache_dir=str(tmp_path / "c"))})

@@ -87,7 +87,7 @@ def test_demo_merge_through_pipes_subprocess_is_identical_to_in_process(tmp_path
         if k not in VOLATILE_METADATA | {"size_bytes", "size"} or (k == "size" and manifest_delta == 0):
             assert m_sub.metadata[k] == m_in.metadata[k], k
     # and the same check result
-    (c_in,) = [c for c in res_in.get_asset_check_evaluations() if c.asset_key == MERGED]  # not the eval's
+    (c_in,) = [c for c in res_in.get_asset_check_evaluations() if c.asset_key == MERGED]
     (c_sub,) = [c for c in res_sub.get_asset_check_evaluations() if c.asset_key == MERGED]
     assert c_in.passed and c_sub.passed and c_in.check_name == c_sub.check_name == "artifact_complete"
     assert c_in.metadata == c_sub.metadata
