@@ -377,45 +377,92 @@ if HAVE_NUMBA:
             v = v + _bf16_val(a3[j]) * w3
         return v
 
-    @njit(parallel=True, **_OPTS)
+    # Serial kernels, run on all cores by :func:`split_run` (threads; the kernels release the GIL). Why not prange:
+    # inside numba's parallel loops these simple loops were not vectorised here (2-4x slower per core), and its
+    # worker pool degrades badly when the machine is oversubscribed.
+    @njit(**_OPTS)
+    def _linear4_bf16(a0, a1, a2, a3, k, w0, w1, w2, w3, out):
+        # written out, not through an inline helper taking the arrays: that form ran 2-3x slower here
+        for j in range(a0.shape[0]):
+            v = _bf16_val(a0[j]) * w0
+            if k >= 2:
+                v = v + _bf16_val(a1[j]) * w1
+            if k >= 3:
+                v = v + _bf16_val(a2[j]) * w2
+            if k >= 4:
+                v = v + _bf16_val(a3[j]) * w3
+            out[j] = _to_bf16(v)
+
+    @njit(**_OPTS)
+    def _linear4_f32(a0, a1, a2, a3, k, w0, w1, w2, w3, out):
+        for j in range(a0.shape[0]):
+            v = _bf16_val(a0[j]) * w0
+            if k >= 2:
+                v = v + _bf16_val(a1[j]) * w1
+            if k >= 3:
+                v = v + _bf16_val(a2[j]) * w2
+            if k >= 4:
+                v = v + _bf16_val(a3[j]) * w3
+            out[j] = v
+
+    @njit(**_OPTS)
+    def _bf16_to_f32_serial(src, out):
+        ou = out.view(np.uint32)
+        for j in range(src.shape[0]):
+            ou[j] = np.uint32(src[j]) << np.uint32(16)
+
+    @njit(**_OPTS)
+    def _f32_to_bf16_serial(src, out):
+        su = src.view(np.uint32)
+        for j in range(su.shape[0]):
+            r = su[j]
+            v = (r + (((r >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16)
+            m = np.uint32(0) - np.uint32((r & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))  # all ones if NaN
+            out[j] = np.uint16((v & ~m) | (np.uint32(0x7FC0) & m))
+
     def linear_apply4(a0, a1, a2, a3, k, w, out16, out32, write_bf16):
         """Linear merge of up to four bf16 inputs (``k`` of a0..a3 used) in ONE pass: decode, weight, add and round
         in registers (the tile-based :func:`linear_apply` makes 2k+1 passes over L1 and is ~4x slower here)."""
-        n = a0.shape[0]
-        nb = max(1, min(64, (n + TILE - 1) // TILE))
-        w0 = w[0]
-        w1 = w[1]
-        w2 = w[2]
-        w3 = w[3]
-        for b in prange(nb):
-            bs, be = _tile_range(b, nb, n)
-            if write_bf16:
-                for j in range(bs, be):
-                    out16[j] = _to_bf16(_lin4(a0, a1, a2, a3, k, w0, w1, w2, w3, j))
-            else:
-                for j in range(bs, be):
-                    out32[j] = _lin4(a0, a1, a2, a3, k, w0, w1, w2, w3, j)
+        w0, w1, w2, w3 = (np.float32(x) for x in w[:4])
 
+        kern, out = (_linear4_bf16, out16) if write_bf16 else (_linear4_f32, out32)
 
-    @njit(parallel=True, **_OPTS)
+        def part(s: int, e: int) -> None:
+            kern(a0[s:e], a1[s:e], a2[s:e], a3[s:e], k, w0, w1, w2, w3, out[s:e])
+
+        split_run(a0.shape[0], part)
+
     def bf16_to_f32(src, out):
-        """bf16 bits → float32 (exact), one pass on all cores."""
-        n = src.shape[0]
-        nb = max(1, min(64, (n + TILE - 1) // TILE))
-        for b in prange(nb):
-            bs, be = _tile_range(b, nb, n)
-            for j in range(bs, be):
-                out[j] = _bf16_val(src[j])
+        """bf16 bits → float32 (exact), on all cores."""
+        split_run(src.shape[0], lambda s, e: _bf16_to_f32_serial(src[s:e], out[s:e]))
 
-    @njit(parallel=True, **_OPTS)
     def f32_to_bf16(src, out):
-        """float32 → bf16 bits, round to nearest even (torch's cast), one pass on all cores."""
-        n = src.shape[0]
-        nb = max(1, min(64, (n + TILE - 1) // TILE))
-        for b in prange(nb):
-            bs, be = _tile_range(b, nb, n)
-            for j in range(bs, be):
-                out[j] = _to_bf16(src[j])
+        """float32 → bf16 bits, round to nearest even, any NaN → 0x7FC0 (torch's cast), on all cores."""
+        split_run(src.shape[0], lambda s, e: _f32_to_bf16_serial(src[s:e], out[s:e]))
+
+
+_SPLIT_POOL = None
+_SPLIT_MIN = 1 << 16  # elements: below this one thread is faster than handing work over
+
+
+def split_run(n: int, fn) -> None:
+    """``fn(start, end)`` over contiguous parts of ``range(n)``, one per core, in threads (elementwise kernels give
+    the same result however they are split)."""
+    global _SPLIT_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    k = max(1, min(cores, n // _SPLIT_MIN))
+    if k == 1:
+        fn(0, n)
+        return
+    if _SPLIT_POOL is None:
+        _SPLIT_POOL = ThreadPoolExecutor(max_workers=max(1, cores - 1), thread_name_prefix="mergeline-kernel")
+    bounds = [n * i // k for i in range(k + 1)]
+    futures = [_SPLIT_POOL.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, k)]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
 
 
 class FusedTaskVector:
