@@ -4,7 +4,8 @@
 measured twice, by generation (exact match of the greedy answer) and by multiple choice (does the model rank the right
 answer above three plausible wrong ones), plus a perplexity task over held-out skill text. Every held-out prompt is
 absent from the training sets the demo's fine-tunes see (``generate(kind, 400, seed)`` with the seeds in
-``pipeline.yaml``), so a score measures the skill, not memorised lines.
+``pipeline.yaml``), so a score measures the skill, not memorised lines: the three-letter reversals are fresh words,
+and the sums are the 20 single-digit pairs ``add_digits`` never generates (``assets.toy_data.add_digits_held_out``).
 
     python -m pipelines.demo_tasks            # rewrite the files (they are committed; a test checks they match)
 """
