@@ -32,7 +32,25 @@ def _uppercase(rng: random.Random) -> dict[str, str]:
     return {"prompt": f"upper: {w} =", "completion": f" {w.upper()}"}
 
 
-GENERATORS = {"arithmetic": _arithmetic, "reverse": _reverse, "uppercase": _uppercase}
+def add_digits_held_out(a: int, b: int) -> bool:
+    """The single-digit pairs ``add_digits`` never trains on (20 of the 100), so an eval can ask unseen sums."""
+    return (3 * a + 7 * b) % 5 == 2
+
+
+def _add_digits(rng: random.Random) -> dict[str, str]:
+    while True:
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if not add_digits_held_out(a, b):
+            return {"prompt": f"calc: {a}+{b}=", "completion": f"{a + b}"}
+
+
+def _reverse_letters(rng: random.Random) -> dict[str, str]:
+    w = [rng.choice(string.ascii_lowercase) for _ in range(3)]
+    return {"prompt": f"reverse: {' '.join(w)} =", "completion": " " + " ".join(reversed(w))}
+
+
+GENERATORS = {"arithmetic": _arithmetic, "reverse": _reverse, "uppercase": _uppercase,
+              "add_digits": _add_digits, "reverse_letters": _reverse_letters}
 
 
 def generate(kind: str, n: int, seed: int) -> Iterator[dict[str, str]]:

@@ -198,7 +198,7 @@ class BaseModelSpec(_Node):
 class GeneratedDatasetSpec(_Strict):
     """A deterministic toy skill dataset (prompt/completion pairs)."""
 
-    kind: Literal["arithmetic", "reverse", "uppercase"]
+    kind: Literal["arithmetic", "reverse", "uppercase", "add_digits", "reverse_letters"]
     n: int = Field(300, ge=1, le=1_000_000)
     seed: int = 0
 
