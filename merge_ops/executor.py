@@ -300,7 +300,7 @@ class Executor:
         """Rows of ``W + s·(B @ A)`` (or of ``W`` alone: a cast): PEFT's operation order (product, scale, add),
         float32, rounded once to the output dtype. Base rows come memory-mapped; every output block is a fresh array
         computed before its rows are unmapped."""
-        from .kernels import bf16_to_f32, f32_to_bf16
+        from .kernels import bf16_to_f32, f32_to_bf16, lora_apply
 
         src, A, B, s = fast
         info = src.info(ot.copy_from.tensor)
@@ -316,19 +316,10 @@ class Executor:
                     out = np.empty(n, dtype=np.float32)
                     bf16_to_f32(arr, out)
                 else:
-                    if info.dtype == "BF16":
-                        w = np.empty(n, dtype=np.float32)
-                        bf16_to_f32(arr, w)
-                    else:
-                        w = arr.view(np.float32)
-                    delta = np.matmul(B[r0:r1], A)
-                    delta *= np.float32(s)
-                    delta += w.reshape(r1 - r0, row)
-                    del w
-                    out = delta.reshape(-1)
-                    if ot.dtype == "BF16":
-                        out = np.empty(n, dtype=np.uint16)
-                        f32_to_bf16(delta.reshape(-1), out)
+                    out = np.empty(n, dtype=np.uint16 if ot.dtype == "BF16" else np.float32)
+                    bf16_in = info.dtype == "BF16"
+                    lora_apply(arr if bf16_in else arr.view(np.float32), bf16_in, B[r0:r1], A, s, out,
+                               ot.dtype == "BF16")
             finally:
                 del arr
                 try:

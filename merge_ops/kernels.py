@@ -420,6 +420,57 @@ if HAVE_NUMBA:
             m = np.uint32(0) - np.uint32((r & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000))  # all ones if NaN
             out[j] = np.uint16((v & ~m) | (np.uint32(0x7FC0) & m))
 
+    @njit(**_OPTS)
+    def _lora_rows(w16, w32, bf16_in, B, A, s, out16, out32, bf16_out):
+        """Rows of ``W + s·(B @ A)`` in one pass per row: the rank-r product accumulates in a row buffer (L1), then
+        base row, scale and rounding in registers. ``w16``/``out16`` are bf16 bits, ``w32``/``out32`` float32; the
+        flags say which are used. Same operation order as PEFT (product, scale, add); the product's summation runs
+        over r in order without FMA, so it can differ from a BLAS product in the last bit."""
+        rows = B.shape[0]
+        r = A.shape[0]
+        cols = A.shape[1]
+        acc = np.empty(cols, np.float32)
+        for i in range(rows):
+            b0 = B[i, 0]
+            a = A[0]
+            for j in range(cols):
+                acc[j] = b0 * a[j]
+            for k in range(1, r):
+                bk = B[i, k]
+                a = A[k]
+                for j in range(cols):
+                    acc[j] = acc[j] + bk * a[j]
+            o = i * cols
+            if bf16_in and bf16_out:
+                for j in range(cols):
+                    out16[o + j] = _to_bf16(_bf16_val(w16[o + j]) + acc[j] * s)
+            elif bf16_in:
+                for j in range(cols):
+                    out32[o + j] = _bf16_val(w16[o + j]) + acc[j] * s
+            elif bf16_out:
+                for j in range(cols):
+                    out16[o + j] = _to_bf16(w32[o + j] + acc[j] * s)
+            else:
+                for j in range(cols):
+                    out32[o + j] = w32[o + j] + acc[j] * s
+
+    def lora_apply(w, bf16_in: bool, B, A, s: float, out, bf16_out: bool) -> None:
+        """``out`` ← rows of ``W + s·(B @ A)`` for flat base rows ``w`` (bf16 bits or float32), on all cores."""
+        cols = A.shape[1]
+        rows = B.shape[0]
+        d16 = np.empty(1, np.uint16)
+        d32 = np.empty(1, np.float32)
+        sf = np.float32(s)
+        Bc = np.ascontiguousarray(B, dtype=np.float32)
+        Ac = np.ascontiguousarray(A, dtype=np.float32)
+
+        def part(r0: int, r1: int) -> None:
+            sl = slice(r0 * cols, r1 * cols)
+            _lora_rows(w[sl] if bf16_in else d16, d32 if bf16_in else w[sl], bf16_in, Bc[r0:r1], Ac, sf,
+                       out[sl] if bf16_out else d16, d32 if bf16_out else out[sl], bf16_out)
+
+        split_run(rows, part, min_items=max(1, (1 << 16) // max(1, cols)))
+
     def linear_apply4(a0, a1, a2, a3, k, w, out16, out32, write_bf16):
         """Linear merge of up to four bf16 inputs (``k`` of a0..a3 used) in ONE pass: decode, weight, add and round
         in registers (the tile-based :func:`linear_apply` makes 2k+1 passes over L1 and is ~4x slower here)."""
@@ -445,14 +496,14 @@ _SPLIT_POOL = None
 _SPLIT_MIN = 1 << 16  # elements: below this one thread is faster than handing work over
 
 
-def split_run(n: int, fn) -> None:
+def split_run(n: int, fn, min_items: int = _SPLIT_MIN) -> None:
     """``fn(start, end)`` over contiguous parts of ``range(n)``, one per core, in threads (elementwise kernels give
     the same result however they are split)."""
     global _SPLIT_POOL
     from concurrent.futures import ThreadPoolExecutor
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    k = max(1, min(cores, n // _SPLIT_MIN))
+    k = max(1, min(cores, n // max(1, min_items)))
     if k == 1:
         fn(0, n)
         return
