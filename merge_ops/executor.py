@@ -278,7 +278,7 @@ class Executor:
             run(r0, r1, lambda b, m: fused.apply(b, m, out if bf16 else None, None if bf16 else out))
             emit(out)  # raw little-endian bf16 bits (uint16) or float32: the writer needs only the bytes
 
-    # -- plain LoRA on the CPU, numpy + numba (no torch) ---------------------------------------------------------------
+    # -- plain LoRA and casts on the CPU, numba (no torch) --------------------------------------------------------------
     def _lora_fast(self, ot: OutputTensor):
         """``(source, A, B, s)`` when output tensor ``ot`` is a base tensor plus a plain LoRA update that the numpy
         path computes (CPU, bf16/f32 in and out, 2-D, no DoRA/embedding/Conv1D), else None."""

@@ -59,7 +59,7 @@ def test_bf16_linear_merge_runs_without_torch(tiny_family, tmp_path):
 
 
 def test_plain_lora_merge_runs_without_torch(tiny_family, tmp_path):
-    """merge-lora of a plain LoRA (numpy matmul + numba casts) in a process where torch cannot be imported; the
+    """merge-lora of a plain LoRA (one numba pass per row) in a process where torch cannot be imported; the
     result equals the torch path's (numba disabled) to float32 rounding of the matrix product."""
     import numpy as np
     from safetensors.numpy import load_file
