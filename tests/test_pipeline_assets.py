@@ -581,3 +581,18 @@ def test_hub_missing_revision_is_a_clear_step_failure(fake_hub, tmp_path, monkey
 # -- dagster dev + GraphQL ----------------------------------------------------------------------------------------------
 
 # The live `dagster dev` + GraphQL + browser checks are in tests/test_live_ui.py.
+
+
+def test_an_export_can_be_scheduled():
+    """A schedule may target an export (by name or ``exports.NAME``): its job materializes the export and, with
+    ``upstream: true``, everything it depends on — the eval that gates it included."""
+    d = yaml.safe_load(DEMO.read_text())
+    d["schedules"] = {"weekly": {"cron": "0 4 * * 1", "target": ["math_reverse_gguf"]},
+                      "only": {"cron": "0 5 * * 1", "target": ["exports.math_reverse_gguf"], "upstream": False}}
+    spec = parse_pipeline(d, base_dir=DEMO.parent)
+    defs = build_definitions(spec)
+    weekly = {k.to_user_string() for k in defs.resolve_job_def("demo__weekly").asset_layer.selected_asset_keys}
+    assert {"export/demo/math_reverse_gguf", "eval/demo/math_reverse_skills", "merged/demo/math_reverse",
+            "base_model/demo/tiny_llama"} <= weekly
+    only = {k.to_user_string() for k in defs.resolve_job_def("demo__only").asset_layer.selected_asset_keys}
+    assert only == {"export/demo/math_reverse_gguf"}
