@@ -247,15 +247,9 @@ def _plan(ckpt: Checkpoint, linear: set[str], opts: BnbExportOptions) -> list[_I
 
 
 def _layout(items: list[_Item], shard_size: int) -> list[list[_Item]]:
-    groups: list[list[_Item]] = [[]]
-    size = 0
-    for it in items:
-        if groups[-1] and size + it.nbytes > shard_size:
-            groups.append([])
-            size = 0
-        groups[-1].append(it)
-        size += it.nbytes
-    return groups
+    from .executor import group_by_size
+
+    return group_by_size(items, shard_size)
 
 
 def export_bnb(model_dir: str | Path, out_dir: str | Path, quant: str = "nf4", *,

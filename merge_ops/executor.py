@@ -37,16 +37,23 @@ class ShardInfo:
     sha256: str = ""
 
 
-def layout_shards(tensors: list[OutputTensor], shard_size: int) -> list[ShardInfo]:
-    """Greedy, in plan order: a new shard starts when the next tensor would overflow ``shard_size``."""
-    groups: list[list[OutputTensor]] = [[]]
+def group_by_size(items: list, shard_size: int) -> list[list]:
+    """Greedy, in order: a new group starts when the next item (anything with ``nbytes``) would overflow
+    ``shard_size``. Shared by every writer of sharded safetensors (merges, bnb exports)."""
+    groups: list[list] = [[]]
     size = 0
-    for t in tensors:
+    for t in items:
         if groups[-1] and size + t.nbytes > shard_size:
             groups.append([])
             size = 0
         groups[-1].append(t)
         size += t.nbytes
+    return groups
+
+
+def layout_shards(tensors: list[OutputTensor], shard_size: int) -> list[ShardInfo]:
+    """Greedy, in plan order: a new shard starts when the next tensor would overflow ``shard_size``."""
+    groups = group_by_size(tensors, shard_size)
     n = len(groups)
     return [ShardInfo(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g, sum(t.nbytes for t in g))
             for i, g in enumerate(groups)]

@@ -12,6 +12,14 @@ from pydantic import Field, field_validator
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
+def check_device_spec(v: str) -> str:
+    """A device setting (``auto``, ``cpu``, ``cuda``, ``cuda:N``), normalised; shared by the GPU and eval resources."""
+    v = v.strip().lower()
+    if not _DEVICE_RE.match(v):
+        raise ValueError(f"device '{v}': expected auto, cpu, cuda or cuda:N")
+    return v
+
+
 class GpuResource(dg.ConfigurableResource):
     """Where heavy steps run.
 
@@ -36,10 +44,7 @@ class GpuResource(dg.ConfigurableResource):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if not _DEVICE_RE.match(v):
-            raise ValueError(f"device '{v}': expected auto, cpu, cuda or cuda:N")
-        return v
+        return check_device_spec(v)
 
     @field_validator("dtype")
     @classmethod

@@ -3,12 +3,12 @@ task index is searched). The work itself is in :mod:`resources.eval_backend` (no
 
 from __future__ import annotations
 
-import re
 
 import dagster as dg
 from pydantic import Field, field_validator
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+from .device import check_device_spec
+
 
 
 class EvaluatorResource(dg.ConfigurableResource):
@@ -28,10 +28,7 @@ class EvaluatorResource(dg.ConfigurableResource):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        v = v.strip().lower()
-        if not _DEVICE_RE.match(v):
-            raise ValueError(f"device '{v}': expected auto, cpu, cuda or cuda:N")
-        return v
+        return check_device_spec(v)
 
     @field_validator("dtype")
     @classmethod
