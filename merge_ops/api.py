@@ -224,6 +224,7 @@ def merge_lora(base: str | Path, adapter: str | Path, output_dir: str | Path, op
     """Merge a PEFT LoRA adapter into its base model (W + s·B·A per targeted module), PEFT semantics."""
     options = options or MergeOptions()
     src = ModelSource.from_parts(base, adapter, allow_pickle=options.allow_pickle)
+    src.round_to_stored = False  # the adapted weights are the output: rounded once, to the output dtype
     label = src.label
     cfg = {"merge_method": "passthrough", "models": [{"model": label}]}
     if out_dtype:

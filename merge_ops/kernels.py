@@ -300,8 +300,8 @@ if HAVE_NUMBA:
                         hist[b, (v >> shift) & 0xFFFF] += 1
 
     @njit(parallel=True, **_OPTS)
-    def linear_apply(models, weights, out_u16, out_f32, write_bf16):
-        """Σ w_i x_i over bf16 inputs (weights already normalized), each product rounded, accumulated in float32."""
+    def linear_apply(models, weights, norm, tw, out_u16, out_f32, write_bf16):
+        """(x_0·w_0 ⊕ x_1·w_1 ⊕ …) / Σw over bf16 inputs in MergeKit's operation order (see ``_fma32``)."""
         m = len(models)
         n = models[0].shape[0]
         nb = max(1, min(64, (n + TILE - 1) // TILE))
@@ -321,7 +321,10 @@ if HAVE_NUMBA:
                     _decode(models[i], s, L, xu)
                     w = weights[i]
                     for j in range(L):
-                        acc[j] = acc[j] + xf[j] * w
+                        acc[j] = _fma32(xf[j], w, acc[j])
+                if norm:
+                    for j in range(L):
+                        acc[j] = acc[j] / tw
                 if write_bf16:
                     for j in range(L):
                         r = accu[j]
@@ -364,45 +367,47 @@ if HAVE_NUMBA:
             v = np.uint32(0x7FC0)
         return np.uint16(v)
 
-    @njit(inline="always")
-    def _lin4(a0, a1, a2, a3, k, w0, w1, w2, w3, j):
-        """x0·w0 + x1·w1 + … for up to four inputs, each product rounded to float32 and added in order — the same
-        operations in the same order as the torch path (no FMA: fastmath is off)."""
-        v = _bf16_val(a0[j]) * w0
-        if k >= 2:
-            v = v + _bf16_val(a1[j]) * w1
-        if k >= 3:
-            v = v + _bf16_val(a2[j]) * w2
-        if k >= 4:
-            v = v + _bf16_val(a3[j]) * w3
-        return v
+    @intrinsic
+    def _fma32(typingctx, a, b, c):
+        """a·b + c rounded once (IEEE fused multiply-add): what torch's ``addcmul_`` computes, so the linear kernels
+        reproduce MergeKit's accumulation bit for bit. LLVM emits the FMA instruction where the CPU has one and
+        a correctly rounded libm call where it does not."""
+        def codegen(context, builder, signature, args):
+            f32 = _ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [f32], fnty=_ir.FunctionType(f32, [f32, f32, f32]))
+            return builder.call(fn, args)
+        return _types.float32(_types.float32, _types.float32, _types.float32), codegen
 
     # Serial kernels, run on all cores by :func:`split_run` (threads; the kernels release the GIL). Why not prange:
     # inside numba's parallel loops these simple loops were not vectorised here (2-4x slower per core), and its
     # worker pool degrades badly when the machine is oversubscribed.
     @njit(**_OPTS)
-    def _linear4_bf16(a0, a1, a2, a3, k, w0, w1, w2, w3, out):
+    def _linear4_bf16(a0, a1, a2, a3, k, w0, w1, w2, w3, norm, tw, out):
         # written out, not through an inline helper taking the arrays: that form ran 2-3x slower here
         for j in range(a0.shape[0]):
             v = _bf16_val(a0[j]) * w0
             if k >= 2:
-                v = v + _bf16_val(a1[j]) * w1
+                v = _fma32(_bf16_val(a1[j]), w1, v)
             if k >= 3:
-                v = v + _bf16_val(a2[j]) * w2
+                v = _fma32(_bf16_val(a2[j]), w2, v)
             if k >= 4:
-                v = v + _bf16_val(a3[j]) * w3
+                v = _fma32(_bf16_val(a3[j]), w3, v)
+            if norm:
+                v = v / tw
             out[j] = _to_bf16(v)
 
     @njit(**_OPTS)
-    def _linear4_f32(a0, a1, a2, a3, k, w0, w1, w2, w3, out):
+    def _linear4_f32(a0, a1, a2, a3, k, w0, w1, w2, w3, norm, tw, out):
         for j in range(a0.shape[0]):
             v = _bf16_val(a0[j]) * w0
             if k >= 2:
-                v = v + _bf16_val(a1[j]) * w1
+                v = _fma32(_bf16_val(a1[j]), w1, v)
             if k >= 3:
-                v = v + _bf16_val(a2[j]) * w2
+                v = _fma32(_bf16_val(a2[j]), w2, v)
             if k >= 4:
-                v = v + _bf16_val(a3[j]) * w3
+                v = _fma32(_bf16_val(a3[j]), w3, v)
+            if norm:
+                v = v / tw
             out[j] = v
 
     @njit(**_OPTS)
@@ -471,15 +476,17 @@ if HAVE_NUMBA:
 
         split_run(rows, part, min_items=max(1, (1 << 16) // max(1, cols)))
 
-    def linear_apply4(a0, a1, a2, a3, k, w, out16, out32, write_bf16):
+    def linear_apply4(a0, a1, a2, a3, k, w, divisor, out16, out32, write_bf16):
         """Linear merge of up to four bf16 inputs (``k`` of a0..a3 used) in ONE pass: decode, weight, add and round
         in registers (the tile-based :func:`linear_apply` makes 2k+1 passes over L1 and is ~4x slower here)."""
         w0, w1, w2, w3 = (np.float32(x) for x in w[:4])
+        norm = divisor is not None
+        tw = np.float32(divisor if norm else 1.0)
 
         kern, out = (_linear4_bf16, out16) if write_bf16 else (_linear4_f32, out32)
 
         def part(s: int, e: int) -> None:
-            kern(a0[s:e], a1[s:e], a2[s:e], a3[s:e], k, w0, w1, w2, w3, out[s:e])
+            kern(a0[s:e], a1[s:e], a2[s:e], a3[s:e], k, w0, w1, w2, w3, norm, tw, out[s:e])
 
         split_run(a0.shape[0], part)
 
@@ -542,7 +549,7 @@ class FusedTaskVector:
         self.weights = np.array(weights, dtype=np.float32)
         self.div_weights = self.weights.copy()  # TIES divisor Σ m_i w_i uses the weights before any rescale
         self.elect, self.normalize = bool(elect), bool(normalize)
-        self.total_w = np.float32(sum(weights))
+        self.total_w = float32_sum(weights)
         self.lam = np.float32(lam)
         self.passes = 2 if (self.mode == MODE_THRESHOLD).any() else 0
         self.thr = np.zeros(2 * self.m, dtype=np.uint32)
@@ -642,13 +649,22 @@ class FusedTaskVector:
         self.offset += n
 
 
+def float32_sum(values) -> np.float32:
+    """Σ values in float32, added in order: the divisor MergeKit gets from ``weights.sum()`` of a float32 tensor."""
+    total = np.float32(0.0)
+    for v in values:
+        total = np.float32(total + np.float32(v))
+    return total
+
+
 class FusedLinear:
     """Linear merge of bf16 inputs in one pass (no statistics)."""
 
     passes = 0
 
-    def __init__(self, weights: list[float]):
+    def __init__(self, weights: list[float], normalize: bool):
         self.weights = np.array(weights, dtype=np.float32)
+        self.divisor = float32_sum(self.weights) if normalize else None
 
     def accumulate(self, base, models, pass_index):  # pragma: no cover - no passes
         raise RuntimeError("internal: linear has no statistics pass")
@@ -662,9 +678,10 @@ class FusedLinear:
         d32 = out_f32 if not write_bf16 else np.empty(1, dtype=np.float32)
         m = len(models)
         if m > 4:  # rare: the general tile kernel
-            linear_apply(models, self.weights, d16, d32, write_bf16)
+            norm = self.divisor is not None
+            linear_apply(models, self.weights, norm, np.float32(self.divisor if norm else 1.0), d16, d32, write_bf16)
             return
         w = np.zeros(4, dtype=np.float32)
         w[:m] = self.weights
         a = list(models) + [models[0]] * (4 - m)
-        linear_apply4(a[0], a[1], a[2], a[3], m, w, d16, d32, write_bf16)
+        linear_apply4(a[0], a[1], a[2], a[3], m, w, self.divisor, d16, d32, write_bf16)

@@ -22,6 +22,7 @@ class ModelSource:
         self.label = ref.raw
         self.checkpoint = checkpoint
         self.adapter = adapter
+        self.round_to_stored = True  # adapted tensors rounded to the base's dtype (see to_compute)
         self._changed = adapter.changed_tensors() if adapter is not None else set()
 
     @classmethod
@@ -93,6 +94,15 @@ class ModelSource:
             x = raw.to(device=device, dtype=dtype, copy=True)
         if not self.unchanged(name):
             x = self.adapter.apply(name, x, row_start)
+            # As a merge input, ``base+adapter`` is a model: its adapted weights are stored in the base's dtype, as
+            # PEFT's merge_and_unload + save (and MergeKit, and `mergeline merge-lora`) store them. Rounding here makes
+            # a merge over ``base+adapter`` byte-identical to one over the merged directory (and to MergeKit's).
+            # merge-lora itself turns this off: its output dtype is the user's choice (--dtype float32 keeps all bits).
+            if not self.round_to_stored:
+                return x
+            stored = self.checkpoint.tensors[name].torch_dtype if name in self.checkpoint.tensors else raw.dtype
+            if stored.is_floating_point and torch.finfo(stored).bits < torch.finfo(x.dtype).bits:
+                x = x.to(stored).to(x.dtype)
         return x
 
     def input_files(self) -> list[Path]:

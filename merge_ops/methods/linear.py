@@ -5,7 +5,24 @@ from __future__ import annotations
 from ..lazy_torch import torch
 
 from ..errors import ConfigError
-from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register, weighted_sum
+from .base import Chunk, MergeMethod, ParamSpec, TensorTask, register
+
+
+def linear_combination(tensors: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """MergeKit's operation order, so a linear merge is byte-identical to MergeKit's: start from zeros, fuse each
+    weighted model in with ``addcmul_`` (one rounding per model: a fused multiply-add on CPU and CUDA), then divide
+    by the float32 sum of the weights. The fused CPU kernel (:class:`merge_ops.kernels.FusedLinear`) does the
+    same operations."""
+    first = tensors[0]
+    w = torch.tensor(weights, dtype=first.dtype, device=first.device)
+    shape = (len(weights),) + (1,) * first.dim()
+    w = w.reshape(shape)
+    acc = torch.zeros_like(first)
+    for t, wi in zip(tensors, w.unbind(0)):
+        acc.addcmul_(t, wi)
+    if normalize:
+        acc.div_(w.sum(dim=0))
+    return acc
 
 
 @register
@@ -26,22 +43,14 @@ class Linear(MergeMethod):
             )
 
     def apply(self, task: TensorTask, chunk: Chunk, stats) -> torch.Tensor:
-        weights = [p["weight"] for p in task.model_params]
-        if task.params["normalize"]:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        return weighted_sum(chunk.models, weights)
+        return linear_combination(chunk.models, [p["weight"] for p in task.model_params], task.params["normalize"])
 
     def fused_cpu(self, task: TensorTask):
         from ..kernels import HAVE_NUMBA, FusedLinear
 
         if not HAVE_NUMBA:  # any size: small tensors (norms) too, so a bf16 linear merge never needs torch
             return None
-        weights = [p["weight"] for p in task.model_params]
-        if task.params["normalize"]:
-            total = sum(weights)
-            weights = [w / total for w in weights]
-        return FusedLinear(weights)
+        return FusedLinear([p["weight"] for p in task.model_params], task.params["normalize"])
 
     def is_identity(self, task: TensorTask) -> int | None:
         weights = [p["weight"] for p in task.model_params]

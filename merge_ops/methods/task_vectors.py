@@ -241,7 +241,10 @@ class TaskVectorMethod(MergeMethod):
             mixed = weighted[0]
             for x in weighted[1:]:
                 mixed.add_(x)
-            if normalize:
-                mixed.div_(sum(weights))
+            if normalize:  # the float32 sum, as a tensor: a true division like MergeKit's (not ×1/Σw)
+                from ..kernels import float32_sum
+
+                total = sum(weights) if mixed.dtype == torch.float64 else float(float32_sum(weights))
+                mixed.div_(torch.tensor(total, dtype=mixed.dtype, device=mixed.device))
         lam = task.params["lambda"]
         return chunk.base + mixed * lam if lam != 1.0 else chunk.base + mixed
