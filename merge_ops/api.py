@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import MergeConfig, load_config, parse_config
 from .device import describe, resolve_device, use_all_cores
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS, Executor, layout_shards
 from .bnb_dequant import quant_manifest
 from .hashing import sha256_files
 from .manifest import library_versions, model_card, write_manifest
-from .output_dir import atomic_output_dir
+from .output_dir import atomic_output_dir, check_output_dir
 from .plan import MergePlan, build_plan
 from .sources import ModelSource
 from .units import parse_size
@@ -105,11 +105,20 @@ def plan_merge(config: MergeConfig | dict | str | Path, options: MergeOptions | 
                sources: dict[str, ModelSource] | None = None) -> MergePlan:
     """Validate and plan without computing anything (what ``mergeline merge --dry-run`` prints)."""
     options = options or MergeOptions()
-    cfg, _ = _as_config(config)
+    cfg, where = _as_config(config)
+    return _plan(cfg, where, options, sources)
+
+
+def _plan(cfg: MergeConfig, where: str, options: MergeOptions, sources: dict[str, ModelSource] | None) -> MergePlan:
     device = resolve_device(options.device)
     cdt = options.compute_dtype if options.compute_dtype in ("float64", "float32") else None
-    return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
-                      device=device, compute_dtype=cdt, sources=sources)
+    try:
+        return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
+                          device=device, compute_dtype=cdt, sources=sources)
+    except ConfigError as e:  # config-level errors found while planning: say which file they are about
+        if where != "<config>" and not str(e).startswith(where):
+            raise ConfigError(f"{where}: {e}") from None
+        raise
 
 
 def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, options: MergeOptions | None = None,
@@ -121,12 +130,13 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
         return _merge_then_quantize(config, output_dir, options, progress=progress, relation=relation,
                                     sources=sources)
     start = time.perf_counter()
-    cfg, _ = _as_config(config)
+    cfg, where = _as_config(config)
     use_all_cores()
-    plan = plan_merge(cfg, options, sources)
+    plan = _plan(cfg, where, options, sources)
     device = resolve_device(options.device)
     if options.shard_size <= 0:
-        raise ConfigError("shard size must be positive")
+        raise ConfigError(f"shard size must be positive, got {options.shard_size}")
+    check_output_dir(output_dir, [p for s in plan.sources for p in _source_dirs(s)])
 
     # input hashes in the background (cached; overlaps the merge)
     hashes: dict[str, str] = {}
@@ -194,6 +204,13 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
                        peak_rss_bytes(), describe(device), [s.filename for s in shards], plan.warnings, manifest)
 
 
+def _source_dirs(src: ModelSource) -> list[Path]:
+    dirs = [src.checkpoint.path]
+    if src.adapter is not None:
+        dirs.append(src.adapter.path)
+    return dirs
+
+
 def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, **kw: Any) -> MergeResult:
     """``out_quant``: merge into a hidden float directory next to the target, then stream it through the bnb 4-bit
     exporter into ``output_dir`` (atomic as ever); the manifest keeps the merge's and records the requantization."""
@@ -201,8 +218,11 @@ def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, 
 
     from .bnb_export import export_bnb
 
-    target = Path(output_dir).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_dir(output_dir)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output '{target}': cannot create its parent directory ({e.strerror})") from e
     inner = options.model_copy(update={"out_quant": None})
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.float-", dir=target.parent) as td:
         res = merge(config, Path(td) / "merged", inner, **kw)

@@ -67,15 +67,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _model_ref(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("model reference is empty; give a directory, a Hub repo id or 'model+adapter'")
+    return v
+
+
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _ref = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
 
 class SliceSource(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _ref = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
     @field_validator("layer_range")
     @classmethod
@@ -121,6 +131,8 @@ class MergeConfig(_Strict):
     @classmethod
     def _dtype(cls, v):
         return normalize_dtype(v)
+
+    _ref = field_validator("base_model")(classmethod(lambda cls, v: _model_ref(v)))
 
     @model_validator(mode="after")
     def _shape(self):
@@ -205,12 +217,56 @@ def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys. PyYAML silently keeps the last of two equal keys, so
+    a config with ``weight:`` set twice would merge with whichever came last; here it is an error naming the key and
+    both lines. YAML merge keys (``<<: *anchor``) are not duplicates: explicit keys override merged ones as usual."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first set on line {first.start_mark.line + 1}); remove one of them",
+                key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: Path, what: str = "config") -> Any:
+    """Read a YAML file with duplicate keys refused; errors name the file and line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the {what} file is not UTF-8 text ({e})") from e
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        detail = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{where}: not valid YAML (line {mark.line + 1 if mark else '?'}): {detail}") from None
+
+
 def load_config(path: str | Path) -> MergeConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: config file does not exist" if not path.exists() else
+                          f"{path}: is not a file; give the path of a YAML merge config")
+    data = load_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; it needs at least merge_method and models (or slices)")
     return parse_config(data, str(path))

@@ -8,6 +8,7 @@ input, 1 for anything unexpected, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -223,6 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergeline: interrupted; no output was written", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the input: disk full, a file vanished mid-run, permissions
+        if os.environ.get("MERGELINE_TRACEBACK"):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mergeline: error: {e.strerror or e}{where}; no output was written", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: still one readable line; the traceback on request
+        if os.environ.get("MERGELINE_TRACEBACK"):
+            raise
+        print(f"mergeline: internal error: {type(e).__name__}: {e}. No output was written. This is a bug; please "
+              f"report it with the output of the same command run with MERGELINE_TRACEBACK=1", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
