@@ -164,10 +164,6 @@ def _safetensors_files(path: Path, who: str) -> list[Path]:
     if single.is_dir():
         raise InputError(f"{who}: {single} is a directory, expected a safetensors file; remove or rename it")
     if index.exists():
-        if single.exists():
-            raise InputError(
-                f"{who}: both {SINGLE_FILE} and {INDEX_FILE} are present, so it is ambiguous which weights are the "
-                f"model (transformers would load {SINGLE_FILE}); delete the stale one")
         weight_map = _read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index}: the shard index has no 'weight_map' object (tensor name -> shard file); "
@@ -180,6 +176,10 @@ def _safetensors_files(path: Path, who: str) -> list[Path]:
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise InputError(f"{who}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")
+        if single.exists() and SINGLE_FILE not in names:
+            raise InputError(
+                f"{who}: both {SINGLE_FILE} and {INDEX_FILE} are present, so it is ambiguous which weights are the "
+                f"model (transformers would load {SINGLE_FILE}); delete the stale one")
         files = [path / n for n in names]
         # cross-check: every tensor the index names must be in the shard it names
         headers = {f.name: set(read_header(f)[0]) for f in files}

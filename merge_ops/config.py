@@ -87,6 +87,13 @@ class SliceSource(_Strict):
 
     _ref = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(type(x) is int for x in v):
+            raise ValueError(f"layer_range must be [start, end]: two integers, got {v!r}")
+        return v
+
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v):
@@ -190,7 +197,11 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         msgs = []
         for err in e.errors():
             loc = _loc(err["loc"])
-            if err["type"] == "extra_forbidden":
+            ploc = _param_loc(err["loc"])
+            if ploc is not None:  # a parameter value matched none of the union's shapes: one message, not five
+                msgs.append(f"{_loc(ploc)}: expected a number, true/false, a list of numbers (a gradient) or a list of "
+                            f"{{filter, value}} entries, got {_describe(_value_at(data, ploc))}")
+            elif err["type"] == "extra_forbidden":
                 key = str(err["loc"][-1])
                 allowed = _allowed_keys_at(err["loc"])
                 hint = difflib.get_close_matches(key, allowed, n=1)
@@ -199,10 +210,36 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             elif err["type"] == "missing":
                 msgs.append(f"{loc}: required key is missing")
             else:
-                msgs.append(f"{loc}: {err['msg']}")
+                msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
         # pydantic reports each union branch separately for parameter values; keep messages unique and readable
         uniq = list(dict.fromkeys(msgs))
         raise ConfigError(f"{source}: invalid merge config:\n  " + "\n  ".join(uniq)) from None
+
+
+_UNION_TAGS = ("bool", "float", "str", "list[float]", "list[FilteredValue]")
+
+
+def _param_loc(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """For an error inside a parameter value (``...parameters.<name>.<union branch>...``), the location of the
+    value itself; else None."""
+    for i, part in enumerate(loc[:-1]):
+        if part == "parameters" and i + 2 < len(loc) and loc[i + 2] in _UNION_TAGS:
+            return loc[:i + 2]
+    return None
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _describe(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}" if v is not None else "null"
 
 
 def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:

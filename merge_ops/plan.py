@@ -305,8 +305,9 @@ def _check_model_configs(sources: list[ModelSource]) -> None:
         ck = s.checkpoint
         conf = ck.path / "config.json"
         if not conf.is_file():
+            who = f"model '{s.label}'" + (f" ({ck.path})" if s.label != str(ck.path) else "")
             raise InputError(
-                f"model '{s.label}' ({ck.path}): config.json is missing; every merge input must be a Hugging Face model "
+                f"{who}: config.json is missing; every merge input must be a Hugging Face model "
                 f"directory with its config.json (copy it from the model's original repository)")
         if not ck.config.get("model_type") and not ck.config.get("architectures"):
             raise InputError(

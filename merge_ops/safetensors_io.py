@@ -161,6 +161,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(raw_len) != 8:
                 raise InputError(f"{bad}: shorter than 8 bytes; {fix}")
             (n,) = struct.unpack("<Q", raw_len)
+            if n == 0:
+                raise InputError(f"{bad}: header length is 0; {fix}")
             if n > MAX_HEADER_BYTES or n + 8 > size:
                 raise InputError(f"{bad}: header length {n} is impossible for a {size}-byte file (truncated, or not "
                                  f"a safetensors file); {fix}")
@@ -201,16 +203,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         begin, end = offsets
         shape = tuple(shape)
         if begin < 0 or end < 0:
-            raise InputError(f"{where}: data_offsets {offsets} are negative; {fix}")
+            raise InputError(f"{where} has inconsistent offsets {offsets}: negative; {fix}")
         if end < begin:
-            raise InputError(f"{where}: data_offsets {offsets} are reversed (end before begin); {fix}")
+            raise InputError(f"{where} has inconsistent offsets {offsets}: reversed (end before begin); {fix}")
         if end > data_size:
             raise InputError(
-                f"{where}: data_offsets {offsets} reach past the end of the file (its data section holds {data_size} "
+                f"{where} has inconsistent offsets {offsets}: past the end of the file (its data section holds {data_size} "
                 f"bytes; truncated or corrupt download?); {fix}")
         if end - begin != math.prod(shape) * element_size(dtype):
             raise InputError(
-                f"{where}: data_offsets {offsets} hold {end - begin} bytes, but shape {list(shape)} {dtype} needs "
+                f"{where} has inconsistent offsets {offsets}: {end - begin} bytes, but shape {list(shape)} {dtype} needs "
                 f"{math.prod(shape) * element_size(dtype)} (truncated or corrupt download?); {fix}")
         infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
     # no two tensors may share bytes (sorted by start, each must begin at or after the previous end)

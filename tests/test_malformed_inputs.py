@@ -54,6 +54,8 @@ def expect_error(fn: Callable[[], object], *needles: str, exc: type[Exception] =
     with pytest.raises(exc) as ei:
         fn()
     msg = str(ei.value)
+    if os.environ.get("SHOW_MESSAGES"):
+        print(f"\n[{type(ei.value).__name__}] {msg}")
     for n in needles:
         assert n in msg, f"{n!r} not in message: {msg}"
     if out is not None:
@@ -441,7 +443,8 @@ LORA_CASES = {
     "config_a_list": (lambda d: (d / "adapter_config.json").write_text("[]"), ["adapter_config.json",
                                                                               "JSON object"]),
     "r_not_a_number": (_adapter_config(lambda c: c.__setitem__("r", "four")), ["adapter_config.json", "'r'"]),
-    "r_disagrees_with_tensors": (_adapter_config(lambda c: c.__setitem__("r", 16)), [LA, "rank 4", "r = 16"]),
+    "r_disagrees_with_tensors": (_adapter_config(lambda c: c.__setitem__("r", 16)), ["lora_A.weight", "rank 4",
+                                                                                    "r = 16"]),
     "r_missing_peft_default_8": (_adapter_config(lambda c: c.pop("r")), ["rank 4", "r = 8", "PEFT's default"]),
     "rank_mismatch_a_b": (_adapter_tensors(lambda sd: sd.__setitem__(LB, torch.zeros(32, 3))),
                           ["rank mismatch", LA, LB]),
