@@ -158,11 +158,21 @@ def _read_json_object(p: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _no_dangling_links(files: list[Path], who: str) -> None:
+    """A Hub cache snapshot holds symlinks into ``blobs/``; a deleted or never-finished blob leaves a dangling link,
+    which would otherwise read as "no weights found"."""
+    for f in files:
+        if f.is_symlink() and not f.exists():
+            raise InputError(f"{who}: {f.name} is a broken symbolic link (to {os.readlink(f)}, which is missing; an "
+                             f"incomplete or pruned Hugging Face cache?); re-download the model")
+
+
 def _safetensors_files(path: Path, who: str) -> list[Path]:
     index = path / INDEX_FILE
     single = path / SINGLE_FILE
     if single.is_dir():
         raise InputError(f"{who}: {single} is a directory, expected a safetensors file; remove or rename it")
+    _no_dangling_links([single], who)
     if index.exists():
         weight_map = _read_json_object(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
@@ -173,6 +183,7 @@ def _safetensors_files(path: Path, who: str) -> list[Path]:
                 raise InputError(f"{index}: weight_map maps tensor '{tname}' to {shard!r}; expected the file name of a "
                                  f"shard in {path}")
         names = sorted(set(weight_map.values()))
+        _no_dangling_links([path / n for n in names], who)
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise InputError(f"{who}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")

@@ -141,6 +141,24 @@ class MergeConfig(_Strict):
 
     _ref = field_validator("base_model")(classmethod(lambda cls, v: _model_ref(v)))
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v):
+        """Checked here, at parse time: the template is written after the merge, too late to fail cheaply."""
+        if v is None or v in ("chatml", "auto", "base"):
+            return v
+        if "{" not in v:
+            raise ValueError(f"'{v}' is neither a known template name (chatml, auto) nor a Jinja template")
+        try:
+            import jinja2
+        except ImportError:  # pragma: no cover - jinja2 comes with transformers
+            return v
+        try:
+            jinja2.Environment().parse(v)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the Jinja template does not parse (template line {e.lineno}: {e.message})") from None
+        return v
+
     @model_validator(mode="after")
     def _shape(self):
         check_models_or_slices(self.models, self.slices)
@@ -290,12 +308,36 @@ def load_yaml(path: Path, what: str = "config") -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: the {what} file is not UTF-8 text ({e})") from e
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(f"{path}: the {what} is nested too deeply to be a merge config") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         detail = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         raise ConfigError(f"{where}: not valid YAML (line {mark.line + 1 if mark else '?'}): {detail}") from None
+    if _expanded_size(data, {}) > MAX_YAML_VALUES:
+        raise ConfigError(f"{path}: the {what} expands to more than {MAX_YAML_VALUES} values through YAML aliases "
+                          f"(an alias bomb?); write it out without nested aliases")
+    return data
+
+
+#: a merge config is small; anchors/aliases that expand beyond this are an attack on the validator, not a config
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(obj: Any, memo: dict[int, int]) -> int:
+    """Number of values ``obj`` has once aliases are expanded (what validation would walk), computed without
+    expanding: shared sub-objects are counted once per reference via ``memo``."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = 1  # a self-referencing alias ends here
+    items = list(obj.items()) if isinstance(obj, dict) else [(None, v) for v in obj]
+    n = 1 + sum(_expanded_size(v, memo) for _, v in items)
+    memo[id(obj)] = n
+    return n
 
 
 def load_config(path: str | Path) -> MergeConfig:

@@ -284,6 +284,11 @@ DIR_CASES = {
     "pickle_only": (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"),
                     ["pytorch_model.bin", "--allow-pickle"]),
     "no_weights": (lambda d: (d / "model.safetensors").unlink(), ["no weights found"]),
+    "dangling_symlink": (lambda d: ((d / "model.safetensors").unlink(),
+                                    (d / "model.safetensors").symlink_to(d / "blobs" / "0123abcd")),
+                         ["model.safetensors", "broken symbolic link", "blobs/0123abcd"]),
+    "config_is_a_directory": (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()),
+                              ["config.json", "cannot read"]),
 }
 
 
@@ -313,9 +318,9 @@ def test_gradient_needs_a_layer_count(tiny_family, broken, tmp_path):
 
 
 # -- YAML configs ------------------------------------------------------------------------------------------------------
-def write_yaml(tmp_path: Path, text: str) -> Path:
+def write_yaml(tmp_path: Path, text: str | bytes) -> Path:
     p = tmp_path / "cfg.yml"
-    p.write_text(text)
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
     return p
 
 
@@ -368,6 +373,16 @@ YAML_CASES = {
                                                                     f"model: {f['base']}+{f['ft2']}"),
                                    lambda f: [str(f["ft2"]), "adapter_config.json"]),
     "two_plus_signs": (lambda f: models_yaml(f).replace(f"model: {f['ft1']}", "model: a+b+c"), ["a+b+c", "'+'"]),
+    "python_tag": (lambda f: 'merge_method: !!python/object/apply:os.system ["echo pwned"]\n',
+                   ["line 1", "python/object/apply"]),
+    "alias_bomb": (lambda f: "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)), ["alias"]),
+    "deeply_nested": (lambda f: "merge_method: " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+    "chat_template_not_a_template": (lambda f: models_yaml(f, extra="chat_template: chatmll\n"),
+                                     ["chat_template", "chatmll"]),
+    "chat_template_bad_jinja": (lambda f: models_yaml(f, extra="chat_template: '{% for m in messages %}{{ m }}'\n"),
+                                ["chat_template", "Jinja", "does not parse"]),
+    "not_utf8": (lambda f: models_yaml(f).encode() + b"# \xff\xfe\n", ["UTF-8"]),
     "empty_model_reference": (lambda f: models_yaml(f).replace(f"model: {f['ft1']}", 'model: ""'),
                               ["models[0].model", "empty"]),
 }
@@ -454,6 +469,8 @@ LORA_CASES = {
                        ["model.layers.0.self_attn.q_proj.weight", "shape"]),
     "nan_values": (_adapter_tensors(_nan), [LB, "NaN"]),
     "inf_values": (_adapter_tensors(_inf), [LA, "inf"]),
+    "pickle_only": (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"),
+                    ["adapter_model.bin", "--allow-pickle"]),
     "weights_not_safetensors": (lambda d: (d / "adapter_model.safetensors").write_bytes(b"PK\x03\x04 zip"),
                                 ["adapter_model.safetensors"]),
 }
