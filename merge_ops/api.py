@@ -49,6 +49,9 @@ class MergeOptions(BaseModel):
     hash_inputs: bool = True
     copy_tokenizer: bool = True
     fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
+    check_finite: bool = Field(default=False, description="count NaN/inf values in every output tensor while writing "
+                                                          "(one pass over the bytes in the writer thread) and fail, "
+                                                          "naming the tensors, if there are any")
     out_quant: str | None = Field(default=None, description="nf4 or fp4: quantize the merge result to a bitsandbytes "
                                                             "4-bit checkpoint (merge_ops.bnb_export)")
 
@@ -161,8 +164,15 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
     with atomic_output_dir(output_dir) as tmp:
         for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
             src.checkpoint.materialize()
-        Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
-                 fsync=options.fsync).run(tmp, shards)
+        ex = Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
+                      fsync=options.fsync, check_finite=options.check_finite)
+        ex.run(tmp, shards)
+        if ex.nonfinite:
+            worst = sorted(ex.nonfinite.items(), key=lambda kv: -kv[1])
+            listed = ", ".join(f"'{n}' ({c})" for n, c in worst[:5]) + (f" and {len(worst) - 5} more" if len(worst) > 5 else "")
+            raise InputError(
+                f"the merge result holds NaN/inf values in {len(worst)} tensor(s): {listed}; nothing was written. "
+                f"An input model or adapter holds NaN/inf there, or the parameters overflow (check the weights)")
         index = {"metadata": {"total_size": plan.total_bytes},
                  "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -191,6 +201,7 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             "tensors": len(plan.tensors),
             "total_bytes": plan.total_bytes,
             "warnings": plan.warnings,
+            **({"checked_finite": True} if options.check_finite else {}),
             **quant_manifest(plan.sources),
             "versions": library_versions(),
             "seconds": round(seconds, 3),

@@ -357,14 +357,33 @@ def build_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | No
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+# safetensors float code -> (unsigned view, exponent mask): a value is NaN or ±inf exactly when all exponent bits are set
+_EXP_MASKS = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+              "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(st_dtype: str, data: "bytes | memoryview") -> int:
+    """NaN/inf values among raw little-endian bytes of a float tensor (0 for other dtypes): one vectorized pass over
+    the exponent bits, no float conversion."""
+    spec = _EXP_MASKS.get(st_dtype)
+    if spec is None:
+        return 0
+    view, mask = spec
+    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = arr[: len(arr) - len(arr) % np.dtype(view).itemsize].view(view)
+    return int(np.count_nonzero((arr & view(mask)) == view(mask)))
+
+
 class ShardStreamWriter:
     """Writes one safetensors file whose layout is fixed up front: header first, then each tensor's bytes in the
     planned order, possibly in several pieces (row chunks). Checks that every byte promised by the header arrives."""
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                 fsync: bool = False):
+                 fsync: bool = False, check_finite: bool = False):
         self.path = Path(path)
         self.fsync = fsync
+        #: with ``check_finite``: tensor name -> number of NaN/inf values written (only tensors that have some)
+        self.nonfinite: dict[str, int] | None = {} if check_finite else None
         self.tensors = tensors
         self._order = {t.name: i for i, t in enumerate(tensors)}
         header, _ = build_header(tensors, metadata)
@@ -395,6 +414,10 @@ class ShardStreamWriter:
                 raise RuntimeError(f"internal: tensor '{name}' planned as {planned.dtype}, got {data.dtype}")
             data = data.contiguous().view(-1).view(torch.uint8).numpy().data
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.nonfinite is not None:
+            bad = count_nonfinite(planned.dtype, data)
+            if bad:
+                self.nonfinite[name] = self.nonfinite.get(name, 0) + bad
         self._f.write(data)
         self.sha256.update(data)
         self._written += n

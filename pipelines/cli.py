@@ -45,6 +45,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="precision of the arithmetic (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--fsync", action="store_true", help="fsync the output shards before publishing (slower, durable)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="fail (writing nothing) if any output tensor holds NaN/inf values; costs one extra pass over "
+                        "the output bytes in the writer thread")
     p.add_argument("--out-quant", choices=["nf4", "fp4"], default=None,
                    help="write the result as a bitsandbytes 4-bit checkpoint (needs bitsandbytes)")
 
@@ -54,7 +57,8 @@ def _options(args: argparse.Namespace):
 
     return MergeOptions(device=args.device, seed=getattr(args, "seed", 0), shard_size=args.shard_size,
                         allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype,
-                        fsync=args.fsync, out_quant=getattr(args, "out_quant", None))
+                        fsync=args.fsync, out_quant=getattr(args, "out_quant", None),
+                        check_finite=getattr(args, "check_finite", False))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -500,6 +500,46 @@ def test_missing_lora_alpha_means_peft_default_8(tiny_family, adapter, tmp_path)
     assert not torch.equal(a[Q0], base[Q0])  # the adapter did change the weight
 
 
+# -- NaN/inf in model weights: opt-in check (--check-finite) --------------------------------------------------------
+@pytest.mark.parametrize("method", ["linear", "passthrough"])  # computed, and byte-copied tensors
+def test_check_finite_names_the_tensors_and_writes_nothing(tiny_family, broken, tmp_path, method):
+    f = broken / "model.safetensors"
+    sd = load_file(str(f))
+    sd[Q1] = sd[Q1].clone()
+    sd[Q1][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(sd, str(f), metadata={"format": "pt"})
+    cfg = linear_cfg(broken, tiny_family["ft2"]) if method == "linear" else \
+        {"merge_method": "passthrough", "models": [{"model": str(broken)}]}
+    out = tmp_path / "out"
+    expect_error(lambda: merge(cfg, out, opts(check_finite=True)), Q1, "(3)", "NaN/inf", exc=InputError, out=out)
+    # without the check the merge goes through (the check is opt-in; the manifest says whether it ran)
+    res = merge(cfg, out, opts())
+    assert "checked_finite" not in res.manifest
+    assert torch.isnan(load_file(str(out / res.shards[0]))[Q1].float()).any()
+
+
+def test_check_finite_passes_clean_merges(tiny_family, tmp_path):
+    res = merge(linear_cfg(tiny_family["ft1"], tiny_family["ft2"]), tmp_path / "out", opts(check_finite=True))
+    assert res.manifest["checked_finite"] is True
+
+
+@pytest.mark.parametrize("code,np_dtype", [("F32", "float32"), ("F16", "float16"), ("F64", "float64")])
+def test_count_nonfinite_matches_numpy(code, np_dtype):
+    import numpy as np
+
+    from merge_ops.safetensors_io import count_nonfinite
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4096).astype(np_dtype)
+    x[rng.integers(0, 4096, 50)] = np.nan
+    x[rng.integers(0, 4096, 50)] = np.inf
+    x[7] = -np.inf
+    x[8] = np.finfo(np_dtype).max  # largest finite: not counted
+    assert count_nonfinite(code, x.tobytes()) == int((~np.isfinite(x)).sum())
+    bf = torch.from_numpy(x.astype("float32")).to(torch.bfloat16)
+    assert count_nonfinite("BF16", bf.view(torch.int16).numpy().tobytes()) == int((~torch.isfinite(bf)).sum())
+
+
 # -- options and the output side ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,needles", [
     ({"shard_size": "5XB"}, ["5XB"]),
