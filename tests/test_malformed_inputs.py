@@ -177,6 +177,24 @@ def test_unreadable_safetensors(tiny_family, broken, tmp_path):
         f.chmod(0o644)
 
 
+def test_unreadable_safetensors_any_user(tiny_family, broken, tmp_path, monkeypatch):
+    """The same as above where root would read anyway: the open() of the weights fails with EACCES."""
+    import builtins
+    import errno
+
+    from merge_ops import safetensors_io
+
+    f = broken / "model.safetensors"
+
+    def fake_open(path, *a, **kw):
+        if Path(path) == f:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, *a, **kw)
+
+    monkeypatch.setattr(safetensors_io, "open", fake_open, raising=False)
+    merge_broken(tiny_family, broken, tmp_path, str(f), "cannot read (Permission denied)", exc=InputError)
+
+
 def test_valid_header_variants_still_load(tiny_family, broken, tmp_path):
     """Guards against over-strict checks: gaps between tensors and trailing bytes are harmless and accepted."""
     f = broken / "model.safetensors"
@@ -681,6 +699,20 @@ def test_cli_merge_lora_broken_adapter(tiny_family, adapter, tmp_path):
     out = tmp_path / "out"
     expect_cli_error(tmp_path, ["merge-lora", str(tiny_family["base"]), str(adapter), str(out)],
                      "adapter_config.json", out=out)
+
+
+def test_console_script_entry_point(tiny_family, tmp_path):
+    """The installed ``mergeline`` script (pyproject [project.scripts]) behaves like ``python -m pipelines.cli``."""
+    script = Path(sys.executable).parent / "mergeline"
+    if not script.exists():
+        pytest.skip("the mergeline console script is not installed in this environment")
+    p = write_yaml(tmp_path, models_yaml(tiny_family, "[0.5, .nan]"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's code, whichever checkout installed the script
+    r = subprocess.run([str(script), "merge", str(p), str(tmp_path / "out")], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and TRACEBACK not in r.stderr, r.stderr
+    assert r.stderr.startswith("mergeline: error:") and "models[0].parameters.weight" in r.stderr and "NaN" in r.stderr
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_cli_unexpected_error_is_one_line_and_status_1(tmp_path):
