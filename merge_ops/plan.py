@@ -248,6 +248,10 @@ class _Planner:
             if not src.has(tname):
                 return None
             other = src.info(tname)
+            if not other.is_float:
+                raise InputError(
+                    f"tensor '{tname}': dtype {other.dtype} in model '{slot.label}' but {info.dtype} in model "
+                    f"'{lead_src.label}'; only floating-point tensors can be merged (the checkpoints do not match)")
             if other.shape != shape:
                 raise InputError(
                     f"tensor '{tname}': shape {list(other.shape)} in model '{slot.label}' differs from {list(shape)} in "

@@ -317,6 +317,16 @@ def test_broken_model_directory(tiny_family, broken, tmp_path, case):
     merge_broken(tiny_family, broken, tmp_path, str(broken), *needles, exc=InputError)
 
 
+def test_integer_tensor_where_others_are_float(tiny_family, broken, tmp_path):
+    f = broken / "model.safetensors"
+    sd = load_file(str(f))
+    sd[Q1] = sd[Q1].float().round().to(torch.int16)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    expect_error(lambda: merge(linear_cfg(tiny_family["ft2"], broken), out, opts()), Q1, "I16", "BF16",
+                 exc=InputError, out=out)
+
+
 def test_model_reference_is_a_file(tiny_family, tmp_path):
     out = tmp_path / "out"
     f = tiny_family["ft1"] / "model.safetensors"
@@ -390,6 +400,8 @@ YAML_CASES = {
     "adapter_dir_without_config": (lambda f: models_yaml(f).replace(f"model: {f['ft1']}",
                                                                     f"model: {f['base']}+{f['ft2']}"),
                                    lambda f: [str(f["ft2"]), "adapter_config.json"]),
+    "hub_repo_not_cached": (lambda f: models_yaml(f).replace(f"model: {f['ft1']}", "model: no-such-org/no-such-model"),
+                            ["no-such-org/no-such-model", "--download"]),
     "two_plus_signs": (lambda f: models_yaml(f).replace(f"model: {f['ft1']}", "model: a+b+c"), ["a+b+c", "'+'"]),
     "python_tag": (lambda f: 'merge_method: !!python/object/apply:os.system ["echo pwned"]\n',
                    ["line 1", "python/object/apply"]),
@@ -414,7 +426,8 @@ def test_malformed_yaml(tiny_family, tmp_path, case):
     out = tmp_path / "out"
     expect_error(lambda: merge(p, out, opts()), str(p) if case not in ("adapter_dir_missing",
                                                                         "adapter_dir_without_config",
-                                                                        "two_plus_signs") else "", *needles, out=out)
+                                                                        "two_plus_signs", "hub_repo_not_cached")
+                 else "", *needles, out=out)
 
 
 def test_yaml_anchors_and_merge_keys_are_not_duplicates(tiny_family, tmp_path):
@@ -479,6 +492,10 @@ LORA_CASES = {
     "r_disagrees_with_tensors": (_adapter_config(lambda c: c.__setitem__("r", 16)), ["lora_A.weight", "rank 4",
                                                                                     "r = 16"]),
     "r_missing_peft_default_8": (_adapter_config(lambda c: c.pop("r")), ["rank 4", "r = 8", "PEFT's default"]),
+    "rank_pattern_value_not_a_number": (_adapter_config(lambda c: c.__setitem__("rank_pattern", {"q_proj": "4"})),
+                                        ["adapter_config.json", "rank_pattern['q_proj']"]),
+    "rank_pattern_disagrees": (_adapter_config(lambda c: c.__setitem__("rank_pattern", {"q_proj": 2})),
+                               ["q_proj.lora_A.weight", "rank 4", "r = 2", "rank_pattern"]),
     "rank_mismatch_a_b": (_adapter_tensors(lambda sd: sd.__setitem__(LB, torch.zeros(32, 3))),
                           ["rank mismatch", LA, LB]),
     "lora_a_without_b": (_adapter_tensors(lambda sd: sd.pop(LB)), ["model.layers.0.self_attn.q_proj", "no lora_B"]),
