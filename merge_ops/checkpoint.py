@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,20 @@ def _convert_pickle(src: Path, tmpdir: Path) -> Path:
     from safetensors.torch import save_file
 
     try:
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # the legacy (pre-zipfile, torch < 1.6) format cannot be memory-mapped: load it into memory instead
+            with warnings.catch_warnings():  # torch warns about the pickle protocol; the error path says enough
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError and others
         raise InputError(f"{src}: cannot load with torch.load(weights_only=True): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{src}: expected a state dict of tensors")
+        raise InputError(f"{src}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}; "
+                         f"convert the file to safetensors")
     out = tmpdir / (src.stem + f"-{os.getpid()}.safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return out

@@ -327,6 +327,18 @@ def test_integer_tensor_where_others_are_float(tiny_family, broken, tmp_path):
                  exc=InputError, out=out)
 
 
+def test_legacy_pickle_format_loads_with_opt_in(tiny_family, broken, tmp_path):
+    """Old (pre-zipfile, torch < 1.6) pytorch_model.bin files cannot be memory-mapped; with --allow-pickle they load
+    (still weights_only) and merge like the safetensors original."""
+    sd = load_file(str(broken / "model.safetensors"))
+    (broken / "model.safetensors").unlink()
+    torch.save(sd, broken / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    a = merge(linear_cfg(broken, tiny_family["ft2"]), tmp_path / "a", opts(allow_pickle=True))
+    b = merge(linear_cfg(tiny_family["ft1"], tiny_family["ft2"]), tmp_path / "b", opts())
+    sa, sb = load_file(str(tmp_path / "a" / a.shards[0])), load_file(str(tmp_path / "b" / b.shards[0]))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_model_reference_is_a_file(tiny_family, tmp_path):
     out = tmp_path / "out"
     f = tiny_family["ft1"] / "model.safetensors"
@@ -690,6 +702,10 @@ def test_cli_pickle_only_says_how_to_opt_in(tiny_family, broken, tmp_path):
     p = write_yaml(tmp_path, models_yaml(tiny_family).replace(str(tiny_family["ft1"]), str(broken)))
     out = tmp_path / "out"
     expect_cli_error(tmp_path, ["merge", str(p), str(out)], "pytorch_model.bin", "--allow-pickle", out=out)
+    # opted in, a pickle that is not a state dict fails cleanly too, and its conversion dir under TMPDIR is removed
+    torch.save([1, 2], broken / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    expect_cli_error(tmp_path, ["merge", str(p), str(out), "--allow-pickle"], "pytorch_model.bin",
+                     "state dict", out=out)
 
 
 def test_cli_output_is_a_file(tiny_family, tmp_path):
