@@ -126,7 +126,7 @@ def _plan(cfg: MergeConfig, where: str, options: MergeOptions, sources: dict[str
 
 def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, options: MergeOptions | None = None,
           *, progress: Callable[[int, int], None] | None = None, relation: str = "merge",
-          sources: dict[str, ModelSource] | None = None) -> MergeResult:
+          sources: dict[str, ModelSource] | None = None, _final_target: Path | None = None) -> MergeResult:
     """Merge models as the config says and write a complete Hugging Face model directory to ``output_dir``."""
     options = options or MergeOptions()
     if options.out_quant:
@@ -139,7 +139,10 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
     device = resolve_device(options.device)
     if options.shard_size <= 0:
         raise ConfigError(f"shard size must be positive, got {options.shard_size}")
-    check_output_dir(output_dir, [p for s in plan.sources for p in _source_dirs(s)])
+    inputs = [p for s in plan.sources for p in _source_dirs(s)]
+    check_output_dir(output_dir, inputs)
+    if _final_target is not None:  # out_quant: the bnb export's target must not be an input either
+        check_output_dir(_final_target, inputs)
 
     # input hashes in the background (cached; overlaps the merge)
     hashes: dict[str, str] = {}
@@ -236,7 +239,7 @@ def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, 
         raise InputError(f"output '{target}': cannot create its parent directory ({e.strerror})") from e
     inner = options.model_copy(update={"out_quant": None})
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.float-", dir=target.parent) as td:
-        res = merge(config, Path(td) / "merged", inner, **kw)
+        res = merge(config, Path(td) / "merged", inner, _final_target=target, **kw)
         ex = export_bnb(Path(td) / "merged", target, options.out_quant,
                         extra_manifest={"merge": res.manifest,
                                         "requantized": f"merge output ({res.manifest.get('config', {}).get('dtype') or 'source dtype'}) → {options.out_quant}",

@@ -649,6 +649,43 @@ def test_output_that_is_not_a_model_directory_is_not_replaced(tiny_family, tmp_p
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and list(tmp_path.iterdir()) == [out]
 
 
+def test_out_quant_errors_leave_nothing(tiny_family, tmp_path):
+    """With out_quant the merge goes through a hidden float directory first; errors remove it too."""
+    out = tmp_path / "out"
+    expect_error(lambda: merge(linear_cfg(tiny_family["ft1"], tmp_path / "nope"), out, opts(out_quant="nf4")),
+                 "nope", exc=InputError, out=out)
+    a = shutil.copytree(tiny_family["ft1"], tmp_path / "a")
+    expect_error(lambda: merge(linear_cfg(a, tiny_family["ft2"]), a, opts(out_quant="nf4")), str(a), "input",
+                 exc=InputError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and (a / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("base,adapter,needles", [
+    ("file", "lora", ["model.safetensors", "got a file"]),
+    ("base", "file", ["adapter_model.safetensors", "got a file"]),
+    ("base", "model", ["adapter_config.json", "missing"]),
+    ("missing", "lora", ["nope", "does not exist"]),
+    ("base", "missing", ["nope", "does not exist"]),
+])
+def test_merge_lora_wrong_paths(tiny_family, tmp_path, base, adapter, needles):
+    paths = {"file": tiny_family["base"] / "model.safetensors", "base": tiny_family["base"],
+             "lora": tiny_family["lora"], "model": tiny_family["ft1"], "missing": tmp_path / "nope"}
+    if adapter == "file":
+        paths["file"] = tiny_family["lora"] / "adapter_model.safetensors"
+    out = tmp_path / "out"
+    expect_error(lambda: merge_lora(paths[base], paths[adapter], out, opts()), *needles, exc=InputError, out=out)
+
+
+def test_config_path_problems(tiny_family, tmp_path):
+    out = tmp_path / "out"
+    expect_error(lambda: merge(tmp_path, out, opts()), str(tmp_path), "not a file", exc=ConfigError, out=out)
+    expect_error(lambda: merge(tmp_path / "missing.yml", out, opts()), "missing.yml", "does not exist",
+                 exc=ConfigError, out=out)
+    cfg = linear_cfg(tiny_family["ft1"], tiny_family["ft2"], tokenizer_source=str(tmp_path / "no-tok"))
+    expect_error(lambda: merge(cfg, out, opts()), "tokenizer_source", "no-tok", "does not exist", exc=InputError,
+                 out=out)
+
+
 @pytest.mark.parametrize("where", ["input", "parent_of_input", "adapter"])
 def test_output_over_an_input_is_refused(tiny_family, tmp_path, where):
     models = tmp_path / "models"
