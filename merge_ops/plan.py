@@ -425,12 +425,18 @@ def _tokenizer_source(cfg: MergeConfig, sources: list[ModelSource], index: dict[
         raise UnsupportedError("tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or name "
                                "the model whose tokenizer to copy")
     if choice in index:
-        return sources[index[choice]]
-    from .references import parse_ref, resolve_path
+        src = sources[index[choice]]
+    else:
+        from .references import parse_ref, resolve_path
 
-    ref = parse_ref(choice)
-    path = resolve_path(ref.model, ref.revision, label="tokenizer_source", download=download)
-    from .checkpoint import Checkpoint
+        ref = parse_ref(choice)
+        path = resolve_path(ref.model, ref.revision, label="tokenizer_source", download=download)
+        if not path.is_dir():
+            raise InputError(f"tokenizer_source: '{choice}' is a file; give the model directory that holds the tokenizer")
+        from .checkpoint import Checkpoint
 
-    ck = Checkpoint(path, {}, {}, [])
-    return ModelSource(ref, ck)
+        src = ModelSource(ref, Checkpoint(path, {}, {}, []))
+    if not src.checkpoint.tokenizer_files():  # asked for explicitly, so an output without a tokenizer is a mistake
+        raise InputError(f"tokenizer_source: '{choice}' ({src.checkpoint.path}) has no tokenizer files (tokenizer.json, "
+                         f"tokenizer.model, tokenizer_config.json, ...); name a model that has them, or use 'base'")
+    return src

@@ -684,6 +684,9 @@ def test_config_path_problems(tiny_family, tmp_path):
     cfg = linear_cfg(tiny_family["ft1"], tiny_family["ft2"], tokenizer_source=str(tmp_path / "no-tok"))
     expect_error(lambda: merge(cfg, out, opts()), "tokenizer_source", "no-tok", "does not exist", exc=InputError,
                  out=out)
+    (tmp_path / "no-tok").mkdir()
+    expect_error(lambda: merge(cfg, out, opts()), "tokenizer_source", "no-tok", "no tokenizer files",
+                 exc=InputError, out=out)
 
 
 @pytest.mark.parametrize("where", ["input", "parent_of_input", "adapter"])
