@@ -216,7 +216,21 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         for err in e.errors():
             loc = _loc(err["loc"])
             ploc = _param_loc(err["loc"])
-            if ploc is not None:  # a parameter value matched none of the union's shapes: one message, not five
+            value = _value_at(data, ploc) if ploc is not None else None
+            if ploc is not None and isinstance(value, list) and any(isinstance(v, dict) for v in value):
+                # meant as a {filter, value} list: only that branch's complaints are useful
+                if err["loc"][len(ploc)] == "list[FilteredValue]":
+                    rest = tuple(p for p in err["loc"][len(ploc) + 1:] if not str(p).startswith("function-"))
+                    text = "required key is missing" if err["type"] == "missing" else \
+                        err["msg"].removeprefix("Value error, ")
+                    if err["type"] == "extra_forbidden":
+                        text = f"unknown key '{rest[-1]}' in a {{filter, value}} entry (allowed: filter, value)"
+                    elif "value" in rest and rest[-1] != "value":  # the value's own union (number | list)
+                        rest = rest[: rest.index("value") + 1]
+                        text = (f"expected a number or a list of numbers, got "
+                                f"{_describe(_value_at(data, ploc + rest))}")
+                    msgs.append(f"{_loc(ploc + rest)}: {text}")
+            elif ploc is not None:  # a parameter value matched none of the union's shapes: one message, not five
                 msgs.append(f"{_loc(ploc)}: expected a number, true/false, a list of numbers (a gradient) or a list of "
                             f"{{filter, value}} entries, got {_describe(_value_at(data, ploc))}")
             elif err["type"] == "extra_forbidden":

@@ -322,8 +322,8 @@ def _check_model_configs(sources: list[ModelSource]) -> None:
 
 def _no_layer_count(src: ModelSource, why: str) -> None:
     raise InputError(
-        f"model '{src.label}': {src.checkpoint.path / 'config.json'} has no num_hidden_layers (nor n_layer / "
-        f"num_layers), which {why} needs; add it to config.json")
+        f"model '{src.label}': {src.checkpoint.path / 'config.json'} has no integer num_hidden_layers (nor n_layer "
+        f"/ num_layers), which {why} needs; add it to config.json")
 
 
 def _uses_gradient(cfg: MergeConfig) -> bool:
