@@ -806,3 +806,25 @@ def test_cli_unexpected_error_is_one_line_and_status_1(tmp_path):
                        env={k: v for k, v in os.environ.items() if k != "MERGELINE_TRACEBACK"})
     assert r.returncode == 1 and TRACEBACK not in r.stderr, r.stderr
     assert "kaboom" in r.stderr and "MERGELINE_TRACEBACK=1" in r.stderr
+    # an option model refusing a value is bad input (status 2), not a bug
+    code = code.replace("raise RuntimeError('kaboom')", "from merge_ops.api import MergeOptions; MergeOptions(seed='x')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "MERGELINE_TRACEBACK"})
+    assert r.returncode == 2 and TRACEBACK not in r.stderr, r.stderr
+    assert r.stderr.startswith("mergeline: error: invalid option: seed:"), r.stderr
+
+
+def test_exporters_refuse_bad_outputs(tiny_family, tmp_path):
+    """The GGUF and bnb exporters share the checks: a parent that is a file, an output over the input, bad flags."""
+    from merge_ops.gguf_export import export_gguf
+
+    (tmp_path / "file").write_text("x")
+    expect_error(lambda: export_gguf(tiny_family["base"], tmp_path / "file" / "m.gguf"), str(tmp_path / "file"),
+                 "not a directory")
+    m = shutil.copytree(tiny_family["base"], tmp_path / "m")
+    before = (m / "model.safetensors").read_bytes()
+    expect_error(lambda: export_gguf(m, m / "model.safetensors"), "model's own files")
+    assert (m / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m"]
+    r = run_cli(tmp_path, "export-bnb", str(m), str(tmp_path / "q"), "--blocksize", "7")
+    assert r.returncode == 2 and "--blocksize: invalid choice: 7" in r.stderr
