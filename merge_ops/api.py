@@ -133,6 +133,7 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
         return _merge_then_quantize(config, output_dir, options, progress=progress, relation=relation,
                                     sources=sources)
     start = time.perf_counter()
+    check_output_dir(output_dir)  # the output-side mistakes first: cheaper than opening (or unpickling) inputs
     cfg, where = _as_config(config)
     use_all_cores()
     plan = _plan(cfg, where, options, sources)
@@ -257,6 +258,7 @@ def merge_lora(base: str | Path, adapter: str | Path, output_dir: str | Path, op
                *, progress: Callable[[int, int], None] | None = None, out_dtype: str | None = None) -> MergeResult:
     """Merge a PEFT LoRA adapter into its base model (W + s·B·A per targeted module), PEFT semantics."""
     options = options or MergeOptions()
+    check_output_dir(output_dir)  # before the adapter's matrices are read
     src = ModelSource.from_parts(base, adapter, allow_pickle=options.allow_pickle)
     label = src.label
     cfg = {"merge_method": "passthrough", "models": [{"model": label}]}
