@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .config import MergeConfig, load_config, parse_config
 from .device import describe, resolve_device, use_all_cores
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS, Executor, layout_shards
 from .bnb_dequant import quant_manifest
 from .hashing import sha256_files
 from .manifest import library_versions, model_card, write_manifest
-from .output_dir import atomic_output_dir
+from .output_dir import atomic_output_dir, check_output_dir
 from .plan import MergePlan, build_plan
 from .sources import ModelSource
 from .units import parse_size
@@ -49,6 +49,9 @@ class MergeOptions(BaseModel):
     hash_inputs: bool = True
     copy_tokenizer: bool = True
     fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
+    check_finite: bool = Field(default=False, description="count NaN/inf values in every output tensor while writing "
+                                                          "(one pass over the bytes in the writer thread) and fail, "
+                                                          "naming the tensors, if there are any")
     out_quant: str | None = Field(default=None, description="nf4 or fp4: quantize the merge result to a bitsandbytes "
                                                             "4-bit checkpoint (merge_ops.bnb_export)")
 
@@ -105,28 +108,42 @@ def plan_merge(config: MergeConfig | dict | str | Path, options: MergeOptions | 
                sources: dict[str, ModelSource] | None = None) -> MergePlan:
     """Validate and plan without computing anything (what ``mergeline merge --dry-run`` prints)."""
     options = options or MergeOptions()
-    cfg, _ = _as_config(config)
+    cfg, where = _as_config(config)
+    return _plan(cfg, where, options, sources)
+
+
+def _plan(cfg: MergeConfig, where: str, options: MergeOptions, sources: dict[str, ModelSource] | None) -> MergePlan:
     device = resolve_device(options.device)
     cdt = options.compute_dtype if options.compute_dtype in ("float64", "float32") else None
-    return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
-                      device=device, compute_dtype=cdt, sources=sources)
+    try:
+        return build_plan(cfg, allow_pickle=options.allow_pickle, download=options.download, seed=options.seed,
+                          device=device, compute_dtype=cdt, sources=sources)
+    except ConfigError as e:  # config-level errors found while planning: say which file they are about
+        if where != "<config>" and not str(e).startswith(where):
+            raise ConfigError(f"{where}: {e}") from None
+        raise
 
 
 def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, options: MergeOptions | None = None,
           *, progress: Callable[[int, int], None] | None = None, relation: str = "merge",
-          sources: dict[str, ModelSource] | None = None) -> MergeResult:
+          sources: dict[str, ModelSource] | None = None, _final_target: Path | None = None) -> MergeResult:
     """Merge models as the config says and write a complete Hugging Face model directory to ``output_dir``."""
     options = options or MergeOptions()
     if options.out_quant:
         return _merge_then_quantize(config, output_dir, options, progress=progress, relation=relation,
                                     sources=sources)
     start = time.perf_counter()
-    cfg, _ = _as_config(config)
+    check_output_dir(output_dir)  # the output-side mistakes first: cheaper than opening (or unpickling) inputs
+    cfg, where = _as_config(config)
     use_all_cores()
-    plan = plan_merge(cfg, options, sources)
+    plan = _plan(cfg, where, options, sources)
     device = resolve_device(options.device)
     if options.shard_size <= 0:
-        raise ConfigError("shard size must be positive")
+        raise ConfigError(f"shard size must be positive, got {options.shard_size}")
+    inputs = [p for s in plan.sources for p in _source_dirs(s)]
+    check_output_dir(output_dir, inputs)
+    if _final_target is not None:  # out_quant: the bnb export's target must not be an input either
+        check_output_dir(_final_target, inputs)
 
     # input hashes in the background (cached; overlaps the merge)
     hashes: dict[str, str] = {}
@@ -151,8 +168,15 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
     with atomic_output_dir(output_dir) as tmp:
         for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
             src.checkpoint.materialize()
-        Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
-                 fsync=options.fsync).run(tmp, shards)
+        ex = Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
+                      fsync=options.fsync, check_finite=options.check_finite)
+        ex.run(tmp, shards)
+        if ex.nonfinite:
+            worst = sorted(ex.nonfinite.items(), key=lambda kv: -kv[1])
+            listed = ", ".join(f"'{n}' ({c})" for n, c in worst[:5]) + (f" and {len(worst) - 5} more" if len(worst) > 5 else "")
+            raise InputError(
+                f"the merge result holds NaN/inf values in {len(worst)} tensor(s): {listed}; nothing was written. "
+                f"An input model or adapter holds NaN/inf there, or the parameters overflow (check the weights)")
         index = {"metadata": {"total_size": plan.total_bytes},
                  "weight_map": {t.name: s.filename for s in shards for t in s.tensors}}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -181,6 +205,7 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
             "tensors": len(plan.tensors),
             "total_bytes": plan.total_bytes,
             "warnings": plan.warnings,
+            **({"checked_finite": True} if options.check_finite else {}),
             **quant_manifest(plan.sources),
             "versions": library_versions(),
             "seconds": round(seconds, 3),
@@ -194,6 +219,13 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
                        peak_rss_bytes(), describe(device), [s.filename for s in shards], plan.warnings, manifest)
 
 
+def _source_dirs(src: ModelSource) -> list[Path]:
+    dirs = [src.checkpoint.path]
+    if src.adapter is not None:
+        dirs.append(src.adapter.path)
+    return dirs
+
+
 def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, **kw: Any) -> MergeResult:
     """``out_quant``: merge into a hidden float directory next to the target, then stream it through the bnb 4-bit
     exporter into ``output_dir`` (atomic as ever); the manifest keeps the merge's and records the requantization."""
@@ -201,11 +233,14 @@ def _merge_then_quantize(config, output_dir: str | Path, options: MergeOptions, 
 
     from .bnb_export import export_bnb
 
-    target = Path(output_dir).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_dir(output_dir)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output '{target}': cannot create its parent directory ({e.strerror})") from e
     inner = options.model_copy(update={"out_quant": None})
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.float-", dir=target.parent) as td:
-        res = merge(config, Path(td) / "merged", inner, **kw)
+        res = merge(config, Path(td) / "merged", inner, _final_target=target, **kw)
         ex = export_bnb(Path(td) / "merged", target, options.out_quant,
                         extra_manifest={"merge": res.manifest,
                                         "requantized": f"merge output ({res.manifest.get('config', {}).get('dtype') or 'source dtype'}) → {options.out_quant}",
@@ -223,6 +258,7 @@ def merge_lora(base: str | Path, adapter: str | Path, output_dir: str | Path, op
                *, progress: Callable[[int, int], None] | None = None, out_dtype: str | None = None) -> MergeResult:
     """Merge a PEFT LoRA adapter into its base model (W + s·B·A per targeted module), PEFT semantics."""
     options = options or MergeOptions()
+    check_output_dir(output_dir)  # before the adapter's matrices are read
     src = ModelSource.from_parts(base, adapter, allow_pickle=options.allow_pickle)
     src.round_to_stored = False  # the adapted weights are the output: rounded once, to the output dtype
     label = src.label

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,13 @@ class Checkpoint:
             raise InputError(f"{who}: directory does not exist")
         if not path.is_dir():
             raise InputError(f"{who}: expected a model directory (config.json + *.safetensors), got a file")
+        if next(path.iterdir(), None) is None:
+            raise InputError(f"{who}: the directory is empty (an interrupted download or copy?); expected config.json "
+                             f"and *.safetensors weights")
         config_path = path / "config.json"
         config: dict[str, Any] = {}
         if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as e:
-                raise InputError(f"{config_path}: invalid JSON ({e})") from e
+            config = _read_json_object(config_path, "model config")
         files = _safetensors_files(path, who)
         converted = False
         tmp = None
@@ -143,17 +144,54 @@ class Checkpoint:
         return out
 
 
+def _read_json_object(p: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; every way it can be broken becomes an InputError naming the file."""
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise InputError(f"{p}: cannot read the {what} ({e.strerror}); check the file's permissions") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p}: the {what} is not UTF-8 text ({e}); re-download or re-save it") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: the {what} is not valid JSON ({e}); re-download or re-save it") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: the {what} must be a JSON object, got {type(data).__name__}; re-download or re-save it")
+    return data
+
+
+def _no_dangling_links(files: list[Path], who: str) -> None:
+    """A Hub cache snapshot holds symlinks into ``blobs/``; a deleted or never-finished blob leaves a dangling link,
+    which would otherwise read as "no weights found"."""
+    for f in files:
+        if f.is_symlink() and not f.exists():
+            raise InputError(f"{who}: {f.name} is a broken symbolic link (to {os.readlink(f)}, which is missing; an "
+                             f"incomplete or pruned Hugging Face cache?); re-download the model")
+
+
 def _safetensors_files(path: Path, who: str) -> list[Path]:
     index = path / INDEX_FILE
+    single = path / SINGLE_FILE
+    if single.is_dir():
+        raise InputError(f"{who}: {single} is a directory, expected a safetensors file; remove or rename it")
+    _no_dangling_links([single], who)
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{index}: invalid index file ({e}); expected a JSON object with a 'weight_map'") from e
+        weight_map = _read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index}: the shard index has no 'weight_map' object (tensor name -> shard file); "
+                             f"re-download the model or re-save it with save_pretrained")
+        for tname, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise InputError(f"{index}: weight_map maps tensor '{tname}' to {shard!r}; expected the file name of a "
+                                 f"shard in {path}")
         names = sorted(set(weight_map.values()))
+        _no_dangling_links([path / n for n in names], who)
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise InputError(f"{who}: {INDEX_FILE} lists shard(s) that are missing: {', '.join(missing)}")
+        if single.exists() and SINGLE_FILE not in names:
+            raise InputError(
+                f"{who}: both {SINGLE_FILE} and {INDEX_FILE} are present, so it is ambiguous which weights are the "
+                f"model (transformers would load {SINGLE_FILE}); delete the stale one")
         files = [path / n for n in names]
         # cross-check: every tensor the index names must be in the shard it names
         headers = {f.name: set(read_header(f)[0]) for f in files}
@@ -170,11 +208,11 @@ def _safetensors_files(path: Path, who: str) -> list[Path]:
 def _pickle_files(path: Path) -> list[Path]:
     index = path / PICKLE_INDEX
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{index}: invalid index file ({e})") from e
-        return [path / n for n in names]
+        weight_map = _read_json_object(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and ".." not in Path(v).parts
+                                                        for v in weight_map.values()):
+            raise InputError(f"{index}: the shard index needs a 'weight_map' object of tensor name -> shard file name")
+        return [path / n for n in sorted(set(weight_map.values()))]
     return sorted(
         p for p in list(path.glob("*.bin")) + list(path.glob("*.pt")) + list(path.glob("*.pth"))
         if p.is_file() and not p.name.startswith(("training_args", "optimizer", "scheduler", "rng_state", "adapter_model"))
@@ -186,11 +224,20 @@ def _convert_pickle(src: Path, tmpdir: Path) -> Path:
     from safetensors.torch import save_file
 
     try:
-        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # the legacy (pre-zipfile, torch < 1.6) format cannot be memory-mapped: load it into memory instead
+            with warnings.catch_warnings():  # torch warns about the pickle protocol; the error path says enough
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError and others
         raise InputError(f"{src}: cannot load with torch.load(weights_only=True): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{src}: expected a state dict of tensors")
+        raise InputError(f"{src}: expected a state dict of tensors (name -> tensor), got {type(state).__name__}; "
+                         f"convert the file to safetensors")
     out = tmpdir / (src.stem + f"-{os.getpid()}.safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, str(out))
     return out

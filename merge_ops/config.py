@@ -67,15 +67,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _model_ref(v: str | None) -> str | None:
+    if v is not None and not v.strip():
+        raise ValueError("model reference is empty; give a directory, a Hub repo id or 'model+adapter'")
+    return v
+
+
 class ModelEntry(_Strict):
     model: str
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _ref = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
 
 
 class SliceSource(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    _ref = field_validator("model")(classmethod(lambda cls, v: _model_ref(v)))
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2 or not all(type(x) is int for x in v):
+            raise ValueError(f"layer_range must be [start, end]: two integers, got {v!r}")
+        return v
 
     @field_validator("layer_range")
     @classmethod
@@ -121,6 +138,26 @@ class MergeConfig(_Strict):
     @classmethod
     def _dtype(cls, v):
         return normalize_dtype(v)
+
+    _ref = field_validator("base_model")(classmethod(lambda cls, v: _model_ref(v)))
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v):
+        """Checked here, at parse time: the template is written after the merge, too late to fail cheaply."""
+        if v is None or v in ("chatml", "auto", "base"):
+            return v
+        if "{" not in v:
+            raise ValueError(f"'{v}' is neither a known template name (chatml, auto) nor a Jinja template")
+        try:
+            import jinja2
+        except ImportError:  # pragma: no cover - jinja2 comes with transformers
+            return v
+        try:
+            jinja2.Environment().parse(v)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the Jinja template does not parse (template line {e.lineno}: {e.message})") from None
+        return v
 
     @model_validator(mode="after")
     def _shape(self):
@@ -178,7 +215,25 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
         msgs = []
         for err in e.errors():
             loc = _loc(err["loc"])
-            if err["type"] == "extra_forbidden":
+            ploc = _param_loc(err["loc"])
+            value = _value_at(data, ploc) if ploc is not None else None
+            if ploc is not None and isinstance(value, list) and any(isinstance(v, dict) for v in value):
+                # meant as a {filter, value} list: only that branch's complaints are useful
+                if err["loc"][len(ploc)] == "list[FilteredValue]":
+                    rest = tuple(p for p in err["loc"][len(ploc) + 1:] if not str(p).startswith("function-"))
+                    text = "required key is missing" if err["type"] == "missing" else \
+                        err["msg"].removeprefix("Value error, ")
+                    if err["type"] == "extra_forbidden":
+                        text = f"unknown key '{rest[-1]}' in a {{filter, value}} entry (allowed: filter, value)"
+                    elif "value" in rest and rest[-1] != "value":  # the value's own union (number | list)
+                        rest = rest[: rest.index("value") + 1]
+                        text = (f"expected a number or a list of numbers, got "
+                                f"{_describe(_value_at(data, ploc + rest))}")
+                    msgs.append(f"{_loc(ploc + rest)}: {text}")
+            elif ploc is not None:  # a parameter value matched none of the union's shapes: one message, not five
+                msgs.append(f"{_loc(ploc)}: expected a number, true/false, a list of numbers (a gradient) or a list of "
+                            f"{{filter, value}} entries, got {_describe(_value_at(data, ploc))}")
+            elif err["type"] == "extra_forbidden":
                 key = str(err["loc"][-1])
                 allowed = _allowed_keys_at(err["loc"])
                 hint = difflib.get_close_matches(key, allowed, n=1)
@@ -187,10 +242,36 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
             elif err["type"] == "missing":
                 msgs.append(f"{loc}: required key is missing")
             else:
-                msgs.append(f"{loc}: {err['msg']}")
+                msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
         # pydantic reports each union branch separately for parameter values; keep messages unique and readable
         uniq = list(dict.fromkeys(msgs))
         raise ConfigError(f"{source}: invalid merge config:\n  " + "\n  ".join(uniq)) from None
+
+
+_UNION_TAGS = ("bool", "float", "str", "list[float]", "list[FilteredValue]")
+
+
+def _param_loc(loc: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """For an error inside a parameter value (``...parameters.<name>.<union branch>...``), the location of the
+    value itself; else None."""
+    for i, part in enumerate(loc[:-1]):
+        if part == "parameters" and i + 2 < len(loc) and loc[i + 2] in _UNION_TAGS:
+            return loc[:i + 2]
+    return None
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _describe(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}" if v is not None else "null"
 
 
 def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
@@ -205,12 +286,80 @@ def _allowed_keys_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys. PyYAML silently keeps the last of two equal keys, so
+    a config with ``weight:`` set twice would merge with whichever came last; here it is an error naming the key and
+    both lines. YAML merge keys (``<<: *anchor``) are not duplicates: explicit keys override merged ones as usual."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the base constructor reports it
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first set on line {first.start_mark.line + 1}); remove one of them",
+                key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: Path, what: str = "config") -> Any:
+    """Read a YAML file with duplicate keys refused; errors name the file and line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({e.strerror})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the {what} file is not UTF-8 text ({e})") from e
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(f"{path}: the {what} is nested too deeply to be a merge config") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        detail = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError(f"{where}: not valid YAML (line {mark.line + 1 if mark else '?'}): {detail}") from None
+    if _expanded_size(data, {}) > MAX_YAML_VALUES:
+        raise ConfigError(f"{path}: the {what} expands to more than {MAX_YAML_VALUES} values through YAML aliases "
+                          f"(an alias bomb?); write it out without nested aliases")
+    return data
+
+
+#: a merge config is small; anchors/aliases that expand beyond this are an attack on the validator, not a config
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(obj: Any, memo: dict[int, int]) -> int:
+    """Number of values ``obj`` has once aliases are expanded (what validation would walk), computed without
+    expanding: shared sub-objects are counted once per reference via ``memo``."""
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in memo:
+        return memo[id(obj)]
+    memo[id(obj)] = 1  # a self-referencing alias ends here
+    items = list(obj.items()) if isinstance(obj, dict) else [(None, v) for v in obj]
+    n = 1 + sum(_expanded_size(v, memo) for _, v in items)
+    memo[id(obj)] = n
+    return n
+
+
 def load_config(path: str | Path) -> MergeConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: config file does not exist" if not path.exists() else
+                          f"{path}: is not a file; give the path of a YAML merge config")
+    data = load_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; it needs at least merge_method and models (or slices)")
     return parse_config(data, str(path))

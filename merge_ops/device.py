@@ -6,6 +6,7 @@ without importing torch (see ``lazy_torch`` for why); torch accepts it wherever 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from .errors import ConfigError
@@ -21,6 +22,8 @@ def resolve_device(spec: str | None) -> Any:
     if spec == "cpu":
         return CpuDevice()
     if spec == "cuda" or spec.startswith("cuda:"):
+        if spec != "cuda" and not re.fullmatch(r"cuda:\d+", spec):
+            raise ConfigError(f"device '{spec}': expected auto, cpu, cuda or cuda:N (N = the GPU index, e.g. cuda:0)")
         if not torch.cuda.is_available():
             raise ConfigError(f"device '{spec}': CUDA is not available on this machine (torch {torch.__version__}); "
                               f"use --device cpu or auto")
@@ -28,7 +31,7 @@ def resolve_device(spec: str | None) -> Any:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device '{spec}': only {torch.cuda.device_count()} CUDA device(s) present")
         return dev
-    raise ConfigError(f"device '{spec}': expected auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"device '{spec}': expected auto, cpu, cuda or cuda:N (N = the GPU index, e.g. cuda:0)")
 
 
 def cpu_count() -> int:

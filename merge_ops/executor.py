@@ -120,8 +120,10 @@ class _Writer:
 class Executor:
     def __init__(self, plan: MergePlan, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Callable[[int], None] | None = None,
-                 fsync: bool = False):
+                 fsync: bool = False, check_finite: bool = False):
         self.fsync = fsync
+        self.check_finite = check_finite
+        self.nonfinite: dict[str, int] = {}  # with check_finite: output tensor -> NaN/inf count
         self.plan = plan
         self.device = plan.tensors[0].task.device if plan.tensors and plan.tensors[0].task else CpuDevice()
         for t in plan.tensors:
@@ -373,7 +375,8 @@ class Executor:
         try:
             for shard in shards:
                 planned = [PlannedTensor(t.name, t.dtype, t.shape) for t in shard.tensors]
-                sw = ShardStreamWriter(out_dir / shard.filename, planned, {"format": "pt"}, fsync=self.fsync)
+                sw = ShardStreamWriter(out_dir / shard.filename, planned, {"format": "pt"}, fsync=self.fsync,
+                                       check_finite=self.check_finite)
                 try:
                     for ot in shard.tensors:
                         cached = pending.get().result()
@@ -396,6 +399,7 @@ class Executor:
                     writer.drain()
                     sw.close()
                     shard.sha256 = sw.sha256.hexdigest()
+                    self.nonfinite.update(sw.nonfinite or {})
                 except BaseException:
                     sw.abort()
                     raise

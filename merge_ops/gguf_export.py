@@ -301,10 +301,18 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, quant: str = "q8_0"
     out_file = Path(out_file).absolute()
     if out_file.is_dir():
         raise GgufExportError(f"output '{out_file}' is a directory; give a file name like model-{q}.gguf")
+    anc = out_file.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise GgufExportError(f"output '{out_file}': '{anc}' is not a directory, so the file cannot be created under it")
     try:
         ckpt = Checkpoint.open(model_dir)
     except MergeError as e:
         raise GgufExportError(str(e)) from e
+    if out_file.resolve() in {f.resolve() for f in ckpt.input_files()}:
+        raise GgufExportError(f"output '{out_file}' is one of the model's own files; writing there would destroy the "
+                              f"input. Choose another output file")
     if not ckpt.config:
         raise GgufExportError(f"{model_dir}: no config.json; GGUF export needs the model's config")
     family = detect_family(ckpt.config)

@@ -237,6 +237,9 @@ class LoraAdapter:
         for key in ("rank_pattern", "alpha_pattern"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
                 raise InputError(f"{cfg_path}: '{key}' must be an object mapping module patterns to numbers")
+            for pat, val in (config.get(key) or {}).items():
+                if isinstance(val, bool) or not isinstance(val, (int, float)):
+                    raise InputError(f"{cfg_path}: {key}['{pat}'] must be a number, got {val!r}")
         for key in ("lora_alpha", "r"):
             if key in config and not isinstance(config[key], (int, float)):
                 raise InputError(f"{cfg_path}: '{key}' must be a number, got {config[key]!r}")
@@ -396,6 +399,30 @@ class LoraAdapter:
                 raise InputError(
                     f"{where}: '{m.keys['bias']}' has shape {list(m.bias.shape)}, expected [{m.out_features}]"
                 )
+            # PEFT builds each module with r = rank_pattern match or 'r' (default 8) and then loads the tensors: a
+            # different rank in the file makes PEFT fail (size mismatch), so it is an error here too, not a guess
+            expected = _match_pattern(config.get("rank_pattern") or {}, m.path, where)
+            said = "its rank_pattern gives" if expected is not None else "says"
+            expected = config.get("r", 8) if expected is None else expected
+            if isinstance(expected, (int, float)) and not isinstance(expected, bool) and expected != m.rank:
+                default = " (PEFT's default: the config does not set 'r')" if "r" not in config and \
+                    said == "says" else ""
+                raise InputError(
+                    f"{where}: '{m.keys['A']}' has rank {m.rank}, but {CONFIG_FILE} {said} r = {expected:g}{default}; "
+                    f"PEFT would refuse to load this adapter (size mismatch). Set 'r' (or a 'rank_pattern' entry for "
+                    f"'{m.path}') in {CONFIG_FILE} to the rank the adapter was trained with"
+                )
+            # a NaN/inf in the small matrices would spread over the whole merged weight; checking costs one pass over
+            # data already in memory (the adapter's A/B/magnitude/bias; modules_to_save copies are not checked)
+            for slot in ("A", "B", "magnitude", "bias"):
+                arr = getattr(m, slot)
+                if arr is not None and not np.isfinite(arr).all():
+                    bad = int(arr.size - np.isfinite(arr).sum())
+                    raise InputError(
+                        f"{where}: adapter tensor '{m.keys[slot]}' holds {bad} NaN/inf value(s); merging it would "
+                        f"write NaN/inf into '{m.path}'. The adapter is broken (diverged training?): use an earlier "
+                        f"checkpoint or retrain"
+                    )
             alpha = _match_pattern(alpha_pattern, m.path, where)
             alpha = alpha_default if alpha is None else alpha
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):

@@ -121,6 +121,7 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         src = (sources or {}).get(r) or ModelSource.open(r, allow_pickle=allow_pickle, download=download)
         index[r] = len(opened)
         opened.append(src)
+    _check_model_configs(opened)
     _check_architectures(opened)
 
     compute = (str(compute_dtype).replace("torch.", "") if compute_dtype is not None else
@@ -132,6 +133,8 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
     warnings: list[str] = []
     if cfg.models is not None:
         donor = index[cfg.base_model] if cfg.base_model else index[cfg.models[0].model]
+        if opened[donor].checkpoint.num_layers is None and _uses_gradient(cfg):
+            _no_layer_count(opened[donor], "a gradient parameter (a list of values sampled along the layers)")
         slots_nb = [_Slot(index[m.model], None, m.parameters, m.model) for m in cfg.models]
         base_ref = cfg.base_model if method_cls.base != "none" else None
         base_slot = _Slot(index[base_ref], None, {}, base_ref) if base_ref else None
@@ -142,12 +145,15 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         first = cfg.slices[0]
         donor_ref = first.base_model or cfg.base_model or first.sources[0].model
         donor = index[donor_ref]
+        if opened[donor].checkpoint.num_layers is None:
+            _no_layer_count(opened[donor], "slices (the output's num_hidden_layers is the sum of the layer ranges)")
         slices = []
-        for s in cfg.slices:
+        for k, s in enumerate(cfg.slices):
             base_ref = (s.base_model or cfg.base_model) if method_cls.base != "none" else None
             base_slot = None
             nb = []
-            for src in s.sources:
+            for j, src in enumerate(s.sources):
+                _check_layer_range(opened[index[src.model]], src.layer_range, f"slices[{k}].sources[{j}]")
                 slot = _Slot(index[src.model], src.layer_range[0], src.parameters, src.model)
                 if base_ref and src.model == base_ref:
                     base_slot = slot
@@ -242,6 +248,10 @@ class _Planner:
             if not src.has(tname):
                 return None
             other = src.info(tname)
+            if not other.is_float:
+                raise InputError(
+                    f"tensor '{tname}': dtype {other.dtype} in model '{slot.label}' but {info.dtype} in model "
+                    f"'{lead_src.label}'; only floating-point tensors can be merged (the checkpoints do not match)")
             if other.shape != shape:
                 raise InputError(
                     f"tensor '{tname}': shape {list(other.shape)} in model '{slot.label}' differs from {list(shape)} in "
@@ -292,6 +302,60 @@ class _Planner:
         return OutputTensor(out_name, shape, out_dtype, base, inputs, task)
 
 
+def _check_model_configs(sources: list[ModelSource]) -> None:
+    """Every input must be a Hugging Face model directory with a config.json that names its architecture: the output's
+    config comes from one of them, and the architecture check needs all of them (MergeKit refuses these too)."""
+    for s in sources:
+        ck = s.checkpoint
+        conf = ck.path / "config.json"
+        if not conf.is_file():
+            who = f"model '{s.label}'" + (f" ({ck.path})" if s.label != str(ck.path) else "")
+            raise InputError(
+                f"{who}: config.json is missing; every merge input must be a Hugging Face model "
+                f"directory with its config.json (copy it from the model's original repository)")
+        if not ck.config.get("model_type") and not ck.config.get("architectures"):
+            raise InputError(
+                f"model '{s.label}': {conf} has neither 'model_type' nor 'architectures', so its architecture cannot "
+                f"be checked against the other inputs (and transformers could not load the result); add "
+                f"\"model_type\" (e.g. \"llama\") from the model's original config")
+
+
+def _no_layer_count(src: ModelSource, why: str) -> None:
+    raise InputError(
+        f"model '{src.label}': {src.checkpoint.path / 'config.json'} has no integer num_hidden_layers (nor n_layer "
+        f"/ num_layers), which {why} needs; add it to config.json")
+
+
+def _uses_gradient(cfg: MergeConfig) -> bool:
+    """Whether any parameter value is a gradient (a list of 2+ numbers, possibly inside a filtered entry)."""
+    from .config import FilteredValue
+
+    def grad(v: Any) -> bool:
+        if isinstance(v, list):
+            if v and isinstance(v[0], FilteredValue):
+                return any(grad(e.value) for e in v)
+            return len(v) > 1
+        return False
+
+    levels = [cfg.parameters] + [m.parameters for m in cfg.models or []]
+    for sl in cfg.slices or []:
+        levels += [sl.parameters] + [x.parameters for x in sl.sources]
+    return any(grad(v) for level in levels for v in level.values())
+
+
+def _check_layer_range(src: ModelSource, rng: tuple[int, int], where: str) -> None:
+    """A slice source's layer_range must lie inside its model (a source past the end would otherwise just be
+    missing from the merge, with a warning, instead of failing)."""
+    n = src.checkpoint.num_layers
+    if n is None:
+        idx = [layer_index(t) for t in src.checkpoint.tensors]
+        n = max((i for i in idx if i is not None), default=-1) + 1
+    if rng[1] > n:
+        raise ConfigError(
+            f"{where}.layer_range {list(rng)} is past the end of model '{src.label}', which has {n} layers "
+            f"(a layer_range is [start, end) with 0 <= start < end <= {n})")
+
+
 def _check_arity(cfg: MergeConfig, method_cls: type[MergeMethod]) -> None:
     if cfg.models is not None:
         has_base = bool(cfg.base_model) and method_cls.base != "none"
@@ -303,6 +367,10 @@ def _check_arity(cfg: MergeConfig, method_cls: type[MergeMethod]) -> None:
     for k, s in enumerate(cfg.slices or []):
         base_ref = s.base_model or cfg.base_model
         has_base = bool(base_ref) and method_cls.base != "none"
+        if has_base and method_cls.base == "required" and base_ref not in [x.model for x in s.sources]:
+            raise ConfigError(
+                f"slices[{k}].sources: base model '{base_ref}' must be one of the slice's sources (with a layer_range) "
+                f"for merge_method '{method_cls.name}'; add it to the slice's sources or change base_model")
         nb = [x for x in s.sources if not (has_base and x.model == base_ref)]
         msg = method_cls.check_arity(len(nb), has_base)
         if msg:
@@ -357,12 +425,18 @@ def _tokenizer_source(cfg: MergeConfig, sources: list[ModelSource], index: dict[
         raise UnsupportedError("tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or name "
                                "the model whose tokenizer to copy")
     if choice in index:
-        return sources[index[choice]]
-    from .references import parse_ref, resolve_path
+        src = sources[index[choice]]
+    else:
+        from .references import parse_ref, resolve_path
 
-    ref = parse_ref(choice)
-    path = resolve_path(ref.model, ref.revision, label="tokenizer_source", download=download)
-    from .checkpoint import Checkpoint
+        ref = parse_ref(choice)
+        path = resolve_path(ref.model, ref.revision, label="tokenizer_source", download=download)
+        if not path.is_dir():
+            raise InputError(f"tokenizer_source: '{choice}' is a file; give the model directory that holds the tokenizer")
+        from .checkpoint import Checkpoint
 
-    ck = Checkpoint(path, {}, {}, [])
-    return ModelSource(ref, ck)
+        src = ModelSource(ref, Checkpoint(path, {}, {}, []))
+    if not src.checkpoint.tokenizer_files():  # asked for explicitly, so an output without a tokenizer is a mistake
+        raise InputError(f"tokenizer_source: '{choice}' ({src.checkpoint.path}) has no tokenizer files (tokenizer.json, "
+                         f"tokenizer.model, tokenizer_config.json, ...); name a model that has them, or use 'base'")
+    return src

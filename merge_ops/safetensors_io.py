@@ -129,44 +129,98 @@ class TensorInfo:
         return self.dtype in FLOAT_CODES
 
 
+def _no_duplicate_names(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` hook: a header naming a tensor twice is corrupt (plain ``json`` would keep the last one)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateName(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateName(Exception):
+    pass
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors file's header. Validates offsets so a truncated file fails here, not mid-merge."""
+    """Parse a safetensors file's header. Validates it (UTF-8 JSON object, every entry's dtype, shape and offsets
+    within the file and consistent with each other, no two tensors sharing bytes) so a corrupt or truncated file
+    fails here, naming the file and tensor, not mid-merge. Reads only the header: O(header), no tensor bytes."""
     path = Path(path)
+    bad = f"{path}: not a valid safetensors file"
+    fix = "re-download or re-save it (safetensors.torch.save_file / save_pretrained)"
     try:
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, expected a safetensors file")
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw_len = f.read(8)
+            if not raw_len:
+                raise InputError(f"{bad}: the file is empty (0 bytes; an interrupted download?); {fix}")
             if len(raw_len) != 8:
-                raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                raise InputError(f"{bad}: shorter than 8 bytes; {fix}")
             (n,) = struct.unpack("<Q", raw_len)
+            if n == 0:
+                raise InputError(f"{bad}: header length is 0; {fix}")
             if n > MAX_HEADER_BYTES or n + 8 > size:
-                raise InputError(f"{path}: not a safetensors file (header length {n} is impossible for a {size}-byte file)")
-            header = json.loads(f.read(n))
+                raise InputError(f"{bad}: header length {n} is impossible for a {size}-byte file (truncated, or not "
+                                 f"a safetensors file); {fix}")
+            raw = f.read(n)
     except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+        raise InputError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from e
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_names)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{bad}: the header is not UTF-8 ({e}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"{bad}: the header is not valid JSON ({e}); {fix}") from e
+    except _DuplicateName as e:
+        raise InputError(f"{bad}: the header names tensor '{e.args[0]}' twice; {fix}") from None
     if not isinstance(header, dict):
-        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise InputError(f"{bad}: the header is not a JSON object; {fix}")
     data_start = 8 + n
+    data_size = size - data_start
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{bad}: '__metadata__' must be a JSON object of strings, got {type(metadata).__name__}; {fix}")
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype = entry["dtype"]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{path}: corrupt header entry for tensor '{name}' ({e})") from e
-        if dtype not in ELEMENT_SIZE:
-            raise InputError(f"{path}: tensor '{name}' has dtype {dtype}, which mergeline cannot read")
-        nbytes = end - begin
-        if nbytes != math.prod(shape) * element_size(dtype) or begin < 0 or data_start + end > size:
+        where = f"{path}: tensor '{name}'"
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: header entry is not an object with dtype, shape and data_offsets; {fix}")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+        if missing:
+            raise InputError(f"{where}: header entry lacks {', '.join(repr(k) for k in missing)}; {fix}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in ELEMENT_SIZE:
+            raise InputError(f"{where} has dtype {dtype!r}, which mergeline cannot read (known: "
+                             f"{', '.join(ELEMENT_SIZE)}); {fix}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise InputError(f"{where}: shape {shape!r} is not a list of non-negative integers; {fix}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+            raise InputError(f"{where}: data_offsets {offsets!r} is not a pair of integers [begin, end]; {fix}")
+        begin, end = offsets
+        shape = tuple(shape)
+        if begin < 0 or end < 0:
+            raise InputError(f"{where} has inconsistent offsets {offsets}: negative; {fix}")
+        if end < begin:
+            raise InputError(f"{where} has inconsistent offsets {offsets}: reversed (end before begin); {fix}")
+        if end > data_size:
             raise InputError(
-                f"{path}: tensor '{name}' has inconsistent offsets {begin}..{end} for shape {list(shape)} {dtype} "
-                f"(file is {size} bytes; truncated or corrupt download?)"
-            )
-        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+                f"{where} has inconsistent offsets {offsets}: past the end of the file (its data section holds {data_size} "
+                f"bytes; truncated or corrupt download?); {fix}")
+        if end - begin != math.prod(shape) * element_size(dtype):
+            raise InputError(
+                f"{where} has inconsistent offsets {offsets}: {end - begin} bytes, but shape {list(shape)} {dtype} needs "
+                f"{math.prod(shape) * element_size(dtype)} (truncated or corrupt download?); {fix}")
+        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    # no two tensors may share bytes (sorted by start, each must begin at or after the previous end)
+    prev: TensorInfo | None = None
+    for info in sorted((i for i in infos.values() if i.nbytes), key=lambda i: i.offset):
+        if prev is not None and info.offset < prev.offset + prev.nbytes:
+            raise InputError(f"{bad}: tensors '{prev.name}' and '{info.name}' overlap in the file; {fix}")
+        prev = info
     return infos, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -303,14 +357,33 @@ def build_header(tensors: Iterable[PlannedTensor], metadata: dict[str, str] | No
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+# safetensors float code -> (unsigned view, exponent mask): a value is NaN or ±inf exactly when all exponent bits are set
+_EXP_MASKS = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+              "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(st_dtype: str, data: "bytes | memoryview") -> int:
+    """NaN/inf values among raw little-endian bytes of a float tensor (0 for other dtypes): one vectorized pass over
+    the exponent bits, no float conversion."""
+    spec = _EXP_MASKS.get(st_dtype)
+    if spec is None:
+        return 0
+    view, mask = spec
+    arr = np.frombuffer(data, dtype=np.uint8)
+    arr = arr[: len(arr) - len(arr) % np.dtype(view).itemsize].view(view)
+    return int(np.count_nonzero((arr & view(mask)) == view(mask)))
+
+
 class ShardStreamWriter:
     """Writes one safetensors file whose layout is fixed up front: header first, then each tensor's bytes in the
     planned order, possibly in several pieces (row chunks). Checks that every byte promised by the header arrives."""
 
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str] | None = None,
-                 fsync: bool = False):
+                 fsync: bool = False, check_finite: bool = False):
         self.path = Path(path)
         self.fsync = fsync
+        #: with ``check_finite``: tensor name -> number of NaN/inf values written (only tensors that have some)
+        self.nonfinite: dict[str, int] | None = {} if check_finite else None
         self.tensors = tensors
         self._order = {t.name: i for i, t in enumerate(tensors)}
         header, _ = build_header(tensors, metadata)
@@ -341,6 +414,10 @@ class ShardStreamWriter:
                 raise RuntimeError(f"internal: tensor '{name}' planned as {planned.dtype}, got {data.dtype}")
             data = data.contiguous().view(-1).view(torch.uint8).numpy().data
         n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if self.nonfinite is not None:
+            bad = count_nonfinite(planned.dtype, data)
+            if bad:
+                self.nonfinite[name] = self.nonfinite.get(name, 0) + bad
         self._f.write(data)
         self.sha256.update(data)
         self._written += n

@@ -8,6 +8,7 @@ input, 1 for anything unexpected, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="precision of the arithmetic (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--fsync", action="store_true", help="fsync the output shards before publishing (slower, durable)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="fail (writing nothing) if any output tensor holds NaN/inf values; costs one extra pass over "
+                        "the output bytes in the writer thread")
     p.add_argument("--out-quant", choices=["nf4", "fp4"], default=None,
                    help="write the result as a bitsandbytes 4-bit checkpoint (needs bitsandbytes)")
 
@@ -53,7 +57,8 @@ def _options(args: argparse.Namespace):
 
     return MergeOptions(device=args.device, seed=getattr(args, "seed", 0), shard_size=args.shard_size,
                         allow_pickle=args.allow_pickle, download=args.download, compute_dtype=args.compute_dtype,
-                        fsync=args.fsync, out_quant=getattr(args, "out_quant", None))
+                        fsync=args.fsync, out_quant=getattr(args, "out_quant", None),
+                        check_finite=getattr(args, "check_finite", False))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--double-quant", action="store_true", help="also quantize the absmax statistics")
     p.add_argument("--compute-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="bnb_4bit_compute_dtype written to the config (default: the model's dtype)")
-    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--blocksize", type=int, default=64, choices=[64, 128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--skip-module", action="append", help="keep this module unquantized (repeatable)")
     p.add_argument("--shard-size", default="5GB")
     p.add_argument("--no-progress", action="store_true")
@@ -223,6 +228,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mergeline: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("MERGELINE_TRACEBACK"):
+            raise
+        return _report(e)
+
+
+def _report(e: Exception) -> int:
+    """One readable line for what did not raise a MergeError: an option model refusing a value (bad input, 2), the
+    machine (OSError: disk full, a file vanishing mid-run, 1) or a bug (1; the traceback with MERGELINE_TRACEBACK=1)."""
+    if type(e).__name__ == "ValidationError" and type(e).__module__.startswith("pydantic"):
+        msgs = [f"{'.'.join(str(p) for p in err['loc']) or 'option'}: {err['msg']}" for err in e.errors()]
+        print(f"mergeline: error: invalid option: {'; '.join(msgs)}", file=sys.stderr)
+        return 2
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"mergeline: error: {e.strerror or e}{where}; no output was written", file=sys.stderr)
+        return 1
+    print(f"mergeline: internal error: {type(e).__name__}: {e}. No output was written. This is a bug; please "
+          f"report it with the output of the same command run with MERGELINE_TRACEBACK=1", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

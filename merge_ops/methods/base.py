@@ -53,7 +53,9 @@ class ParamSpec:
             raise ConfigError(f"{where}: '{self.name}' must be a number, got {value!r}")
         v = float(value)
         if v != v:
-            raise ConfigError(f"{where}: '{self.name}' is NaN")
+            raise ConfigError(f"{where}: '{self.name}' is NaN; give a finite number")
+        if v in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: '{self.name}' = {v}; it must be a finite number")
         if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
             lo = "-inf" if self.lo is None else self.lo
             hi = "inf" if self.hi is None else self.hi
