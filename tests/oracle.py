@@ -412,3 +412,23 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, importance_dtype: torc
     threshold = float(med + 1.5 * (q3 - q1))
     mask = (imp >= threshold).to(F64)
     return f64(base) + (f64(other) - f64(base)) * mask
+
+
+def ram(base: torch.Tensor, thetas: list[torch.Tensor], *, epsilon: float = 1e-5, r: float | None = None,
+        alpha: float = 0.2, delta_dtype=torch.float32) -> torch.Tensor:
+    """RAM: per element, the entries with |δ_i| > ε; one contributor → its δ, several → their mean, none → 0.
+    With ``r`` (RAM+ tensor-local): model i's sole-contributor entries × (1 + r·clamp(S_i / max(U_i, ε), 0, α)),
+    S_i / U_i = how many of its contributing entries are shared / unique over the whole tensor."""
+    ds = [delta(x, base, delta_dtype) for x in thetas]
+    nz = [(d.abs() > epsilon) for d in ds]
+    count = sum(m.to(torch.int64) for m in nz)
+    unique, overlap = count == 1, count > 1
+    out = torch.zeros_like(ds[0])
+    for d, m in zip(ds, nz):
+        lam = 1.0
+        if r is not None:
+            shared_n, unique_n = int((m & overlap).sum()), int((m & unique).sum())
+            lam = 1.0 + r * min(max(shared_n / max(unique_n, epsilon), 0.0), alpha)
+        out = out + torch.where(m & unique, d * lam, torch.zeros_like(d))
+        out = out + torch.where(m & overlap, d / count.clamp(min=1).to(F64), torch.zeros_like(d))
+    return f64(base) + out

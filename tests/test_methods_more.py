@@ -50,6 +50,13 @@ class Zoo:
         zeroed = dict(a_sd)
         zeroed[ZEROED] = torch.zeros_like(zeroed[ZEROED])
         self.a_zeroed = write_model(self.base, root / "a_zeroed", zeroed)
+        # sparse task vectors (each keeps a random ~40 % of a model's delta): RAM's unique / overlapping entries
+        g = torch.Generator().manual_seed(7)
+        base_sd = load_state(self.base)
+        self.sparse = []
+        for i, src in enumerate((self.a, self.b, self.c)):
+            sd = {k: torch.where(torch.rand(v.shape, generator=g) < 0.4, v, base_sd[k]) for k, v in load_state(src).items()}
+            self.sparse.append(write_model(self.base, root / f"sparse{i}", sd))
         self.base16 = save_tiny_llama(root / "base_bf16", seed=1, dtype=torch.bfloat16, **kw)
         self.a16 = save_variant(self.base16, root / "a_bf16", seed=21, scale=0.05)
         self.b16 = save_variant(self.base16, root / "b_bf16", seed=22, scale=0.08)
@@ -277,6 +284,43 @@ def test_arcee_fusion_identical_and_arity(zoo, tmp_path):
         run(cfg_of("arcee_fusion", None, [(zoo.a, {}), (zoo.b, {})]), tmp_path / "o")
 
 
+# -- ram / ramplus_tl ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method, params", [("ram", {}), ("ram", {"epsilon": 0.002}),
+                                            ("ramplus_tl", {}), ("ramplus_tl", {"r": 0.5, "alpha": 1.0})])
+def test_ram(zoo, tmp_path, method, params):
+    out = run(cfg_of(method, zoo.base, [(m, {}) for m in zoo.sparse], **({"parameters": params} if params else {})),
+              tmp_path)
+    B, sds = zoo.sd(zoo.base), [zoo.sd(m) for m in zoo.sparse]
+    r = params.get("r", 0.1) if method == "ramplus_tl" else None
+    check_all(out, B, lambda n: oracle.ram(B[n], [s[n] for s in sds], epsilon=params.get("epsilon", 1e-5), r=r,
+                                           alpha=params.get("alpha", 0.2)))
+    # the case split is real: this tensor has unique, shared and untouched elements
+    n = "model.layers.1.mlp.up_proj.weight"
+    count = sum(((s[n] - B[n]).abs() > params.get("epsilon", 1e-5)).int() for s in sds)
+    assert {0, 1, 2} <= set(count.unique().tolist())
+
+
+def test_ramplus_scales_unique_entries_up(zoo, tmp_path):
+    """RAM+ differs from RAM only on single-contributor entries, and moves them further from the base."""
+    entries = [(m, {}) for m in zoo.sparse]
+    plain = run(cfg_of("ram", zoo.base, entries), tmp_path)
+    plus = run(cfg_of("ramplus_tl", zoo.base, entries, parameters={"r": 0.5, "alpha": 1.0}), tmp_path)
+    B, sds = zoo.sd(zoo.base), [zoo.sd(m) for m in zoo.sparse]
+    n = "model.layers.2.self_attn.v_proj.weight"
+    count = sum(((s[n] - B[n]).abs() > 1e-5).int() for s in sds)
+    changed = plus[n] != plain[n]
+    assert changed.any() and bool((count[changed] == 1).all())
+    assert bool(((plus[n] - B[n]).abs()[changed] > (plain[n] - B[n]).abs()[changed]).all())
+
+
+@pytest.mark.parametrize("method, params, msg", [("ram", {"epsilon": -1.0}, "out of range"),
+                                                 ("ramplus_tl", {"alpha": -0.1}, "out of range"),
+                                                 ("ram", {"r": 0.1}, "has no parameter .r.")])
+def test_ram_parameter_errors(zoo, tmp_path, method, params, msg):
+    with pytest.raises(ConfigError, match=msg):
+        run(cfg_of(method, zoo.base, [(zoo.a, {}), (zoo.b, {})], parameters=params), tmp_path / "o")
+
+
 # -- streaming: row blocks and the radix-select path give the same bits ------------------------------------------------
 def _cases(z: Zoo) -> dict[str, dict]:
     return {
@@ -286,10 +330,12 @@ def _cases(z: Zoo) -> dict[str, dict]:
         "sce": cfg_of("sce", z.base, [(z.a, {}), (z.b, {}), (z.c, {})], parameters={"select_topk": 0.3}),
         "nearswap": cfg_of("nearswap", z.base, [(z.b, {})], parameters={"t": 0.004}),
         "arcee_fusion": cfg_of("arcee_fusion", z.base, [(z.b, {})]),
+        "ram": cfg_of("ram", z.base, [(m, {}) for m in z.sparse]),
+        "ramplus_tl": cfg_of("ramplus_tl", z.base, [(m, {}) for m in z.sparse]),
     }
 
 
-@pytest.mark.parametrize("method", ["multislerp", "karcher", "sce", "nearswap", "arcee_fusion"])
+@pytest.mark.parametrize("method", ["multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"])
 def test_chunked_equals_unchunked(zoo, tmp_path, method):
     cfg = _cases(zoo)[method]
     assert_bitwise_equal(run(cfg, tmp_path, **CHUNKED), run(cfg, tmp_path))
@@ -321,5 +367,5 @@ def test_methods_listing_includes_new_methods(capsys):
 
     assert main(["methods"]) == 0
     text = capsys.readouterr().out
-    for name in ("multislerp", "karcher", "sce", "nearswap", "arcee_fusion"):
+    for name in ("multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"):
         assert any(line.startswith(name + " ") for line in text.splitlines()), name

@@ -17,6 +17,7 @@ def _load_all() -> None:
         nearswap,
         nuslerp,
         passthrough,
+        ram,
         sce,
         slerp,
         task_arithmetic,
