@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -47,6 +47,17 @@ def make_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
     models = {"base": base}
     for i, scale in enumerate((0.05, 0.08, 0.03), start=1):
         models[f"ft{i}"] = save_variant(base, root / f"ft{i}", seed=100 + i, scale=scale)
+    # sparse task vectors (each keeps a random 40 % of a fine-tune's delta) so that RAM sees unique, shared and
+    # untouched elements
+    g = torch.Generator().manual_seed(7)
+    base_sd = load_dir(base)
+    for i in (1, 2, 3):
+        sd = {k: torch.where(torch.rand(v.shape, generator=g) < 0.4, v, base_sd[k]).contiguous()
+              for k, v in load_dir(models[f"ft{i}"]).items()}
+        out = root / f"sp{i}"
+        shutil.copytree(models[f"ft{i}"], out, dirs_exist_ok=True)
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        models[f"sp{i}"] = out
     return models
 
 
@@ -71,6 +82,9 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
                      "parameters": {"t": 0.002}},
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": str(m["base"]),
                          "models": entries(["base", "ft1"])},
+        "ram": {"merge_method": "ram", "base_model": str(m["base"]), "models": entries(["sp1", "sp2", "sp3"])},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": str(m["base"]),
+                       "models": entries(["sp1", "sp2", "sp3"]), "parameters": {"r": 0.5, "alpha": 1.0}},
     }
 
 
@@ -81,11 +95,19 @@ def load_dir(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def ulps_of_element(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a − b| measured in units in the last place (of the output dtype) of max(|a|, |b|) at that element."""
+    mag = torch.maximum(a.abs(), b.abs())
+    ulp = (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
+    err = (a.double() - b.double()).abs()
+    return float((err / ulp).max()) if err.numel() else 0.0
+
+
 def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> dict:
     names = sorted(set(ours) & set(theirs))
     only = sorted(set(ours) ^ set(theirs))
     max_abs = max_rel = 0.0
-    ndiff = nel = 0
+    ndiff = nel = max_ulps = 0
     identical = not only
     for n in names:
         a, b = ours[n], theirs[n]
@@ -95,12 +117,14 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> d
         d = (a.double() - b.double()).abs()
         max_abs = max(max_abs, float(d.max()))
         max_rel = max(max_rel, float(d.max()) / max(float(b.double().abs().max()), 1e-30))
+        if a.dtype == b.dtype:
+            max_ulps = max(max_ulps, ulps_of_element(a, b))
         k = int((d > 0).sum())
         ndiff += k
         nel += d.numel()
         identical = identical and k == 0 and a.dtype == b.dtype
     return {"max_abs": max_abs, "max_rel": max_rel, "ndiff": ndiff, "numel": nel, "identical": identical,
-            "only_in_one": only}
+            "max_ulps": max_ulps, "only_in_one": only}
 
 
 def run_mergekit(venv: Path, cfg_path: Path, out: Path) -> None:
@@ -119,7 +143,11 @@ def main() -> int:
     ap.add_argument("--mergekit-venv", type=Path, default=HERE / ".venv-mergekit")
     ap.add_argument("--keep", type=Path, help="keep models and outputs here")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument("--reuse-mergekit", action="store_true",
+                    help="with --keep: reuse MergeKit outputs already there (models must be from the same run)")
     a = ap.parse_args()
+    if not (a.mergekit_venv / "bin" / "mergekit-yaml").exists():
+        ap.error(f"{a.mergekit_venv}/bin/mergekit-yaml missing: run bench/setup_mergekit.sh or pass --mergekit-venv")
     work = a.keep or Path(tempfile.mkdtemp(prefix="mk-methods-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -135,29 +163,32 @@ def main() -> int:
                 cfg_path = work / f"{tag}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
                 ours_dir, theirs_dir = work / f"ours-{tag}", work / f"mk-{tag}"
-                for d in (ours_dir, theirs_dir):
+                reuse = a.reuse_mergekit and any(theirs_dir.glob("*.safetensors"))
+                for d in ((ours_dir,) if reuse else (ours_dir, theirs_dir)):
                     shutil.rmtree(d, ignore_errors=True)
                 merge(str(cfg_path), ours_dir, MergeOptions(device="cpu", hash_inputs=False, copy_tokenizer=False))
                 try:
-                    run_mergekit(a.mergekit_venv, cfg_path, theirs_dir)
+                    if not reuse:
+                        run_mergekit(a.mergekit_venv, cfg_path, theirs_dir)
                 except RuntimeError as e:
                     rows.append({"config": name, "case": case, "error": str(e).splitlines()[-1]})
                     print(f"{name} {case}: MergeKit error: {e}", file=sys.stderr)
                     continue
                 r = compare(load_dir(ours_dir), load_dir(theirs_dir))
                 rows.append({"config": name, "case": case, **r})
-                print(f"{name:18s} {case:9s} max_abs={r['max_abs']:.3g} rel={r['max_rel']:.3g} "
+                print(f"{name:18s} {case:9s} max_abs={r['max_abs']:.3g} rel={r['max_rel']:.3g} ulps={r['max_ulps']:.3g} "
                       f"differ={r['ndiff']}/{r['numel']} identical={r['identical']}", file=sys.stderr)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("| config | case | max abs diff | max diff / max abs | elements differing | bit-identical |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| config | case | max abs diff | max diff / max abs | max ulps | elements differing | bit-identical |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['config']} | {r['case']} | MergeKit error: {r['error']} | | | |")
+            print(f"| {r['config']} | {r['case']} | MergeKit error: {r['error']} | | | | |")
             continue
-        print(f"| {r['config']} | {r['case']} | {r['max_abs']:.3g} | {r['max_rel']:.3g} | {r['ndiff']} / {r['numel']} "
+        print(f"| {r['config']} | {r['case']} | {r['max_abs']:.3g} | {r['max_rel']:.3g} | {r['max_ulps']:.3g} "
+              f"| {r['ndiff']} / {r['numel']} "
               f"| {'yes' if r['identical'] else 'no'} |")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))
