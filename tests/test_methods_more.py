@@ -50,6 +50,7 @@ class Zoo:
         zeroed = dict(a_sd)
         zeroed[ZEROED] = torch.zeros_like(zeroed[ZEROED])
         self.a_zeroed = write_model(self.base, root / "a_zeroed", zeroed)
+        self.neg_a_zeroed = write_model(self.base, root / "neg_a_zeroed", {k: -v for k, v in zeroed.items()})
         # sparse task vectors (each keeps a random ~40 % of a model's delta): RAM's unique / overlapping entries
         g = torch.Generator().manual_seed(7)
         base_sd = load_state(self.base)
@@ -163,6 +164,15 @@ def test_multislerp_antipodal(zoo, tmp_path):
     assert_nothing_written(tmp_path / "anti")
 
 
+def test_multislerp_zero_vector_with_eps_zero_is_an_error(zoo, tmp_path):
+    """A zero task vector has no direction: with eps 0 that is a clear error naming the tensor, not NaNs."""
+    cfg = cfg_of("multislerp", zoo.base, [(zoo.a, {"weight": 0.5}), (zoo.base_copy, {"weight": 0.5})],
+                 parameters={"eps": 0.0})
+    with pytest.raises(InputError, match=r"tensor '.*'.*eps > 0"):
+        run(cfg, tmp_path / "o")
+    assert_nothing_written(tmp_path / "o")
+
+
 def test_multislerp_weights_summing_to_zero(zoo, tmp_path):
     cfg = cfg_of("multislerp", zoo.base, [(zoo.a, {"weight": 0.5}), (zoo.b, {"weight": -0.5})])
     with pytest.raises(ConfigError, match="normalize_weights"):
@@ -199,6 +209,14 @@ def test_karcher_edge_cases(zoo, tmp_path):
     out = run(cfg_of("karcher", None, [(zoo.a_zeroed, {}), (zoo.b, {})]), tmp_path)
     check_all(out, A, lambda n: oracle.karcher([Z[n], Bm[n]]))
     oracle.assert_matches(out[ZEROED], 0.5 * oracle.f64(Bm[ZEROED]), ZEROED)
+    # exactly antipodal inputs (a, −a): MergeKit's fallback (the first unit vector, no step); the zero tensor with
+    # its negation (both zero): zero, not NaN
+    out = run(cfg_of("karcher", None, [(zoo.a_zeroed, {}), (zoo.neg_a_zeroed, {})]), tmp_path)
+    N = zoo.sd(zoo.neg_a_zeroed)
+    check_all(out, A, lambda n: oracle.karcher([Z[n], N[n]]))
+    n = "model.layers.1.mlp.down_proj.weight"
+    oracle.assert_matches(out[n], oracle.f64(A[n]), n)  # norm scale × u_a = a itself
+    assert torch.equal(out[ZEROED], torch.zeros_like(out[ZEROED]))
 
 
 @pytest.mark.parametrize("params, msg", [({"max_iter": 2.5}, "whole number"), ({"max_iter": -1}, "out of range"),

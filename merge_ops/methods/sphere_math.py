@@ -16,6 +16,9 @@ import math
 import numpy as np
 
 
+STEP_EPS2 = 1e-14  # squared norm below which a tangent step of unit vectors is zero to float precision
+
+
 class SphereError(ValueError):
     """The inputs have no defined barycentre (e.g. antipodal vectors whose weights cancel)."""
 
@@ -37,6 +40,9 @@ def multislerp_coefficients(gram: np.ndarray, weights: list[float], *, normalize
     if normalize_weights:
         w = w / w.sum()
     norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    if np.any(norms + eps <= 0.0):
+        raise SphereError("an input vector is zero and eps is 0, so it has no direction (MergeKit would write NaNs); "
+                          "set eps > 0")
     a = 1.0 / (norms + eps)  # u_i = a_i v_i
     mean = w * a
     mean_norm = _norm(mean, gram)
@@ -96,6 +102,11 @@ def karcher_coefficients(gram: np.ndarray, alphas: list[float], *, max_iter: int
                 continue
             step = -dot * mean
             step[i] += a[i]
+            # u_i − cos θ·m has norm sin θ; for (anti)parallel inputs it is zero, which MergeKit's float vectors
+            # show as exact zeros, while its coefficients here stay finite and only the Gram form reveals ~0: skip
+            # it rather than multiply rounding noise by θ / sin θ ≈ 1e16
+            if float(step @ gram @ step) < STEP_EPS2:
+                continue
             tangent += alpha[i] * (theta / math.sin(theta)) * step
         tn = _norm(tangent, gram)
         if tn < tol:
