@@ -58,6 +58,13 @@ def make_models(root: Path, dtype: torch.dtype) -> dict[str, Path]:
         shutil.copytree(models[f"ft{i}"], out, dirs_exist_ok=True)
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
         models[f"sp{i}"] = out
+    # edge cases: a copy of the base (a zero task vector) and the negation of ft1 (antipodal inputs)
+    models["base_copy"] = Path(shutil.copytree(base, root / "base_copy", dirs_exist_ok=True))
+    neg = root / "neg1"
+    shutil.copytree(models["ft1"], neg, dirs_exist_ok=True)
+    save_file({k: (-v).contiguous() for k, v in load_dir(models["ft1"]).items()}, str(neg / "model.safetensors"),
+              metadata={"format": "pt"})
+    models["neg1"] = neg
     return models
 
 
@@ -82,6 +89,18 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
                      "parameters": {"t": 0.002}},
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": str(m["base"]),
                          "models": entries(["base", "ft1"])},
+        # edge cases
+        "multislerp-zero-tv": {"merge_method": "multislerp", "base_model": str(m["base"]),
+                               "models": entries(["ft1", "base_copy", "ft2"],
+                                                 {"ft1": {"weight": 0.5}, "base_copy": {"weight": 0.25},
+                                                  "ft2": {"weight": 0.25}})},
+        "multislerp-antipodal": {"merge_method": "multislerp",
+                                 "models": entries(["ft1", "neg1"], {"ft1": {"weight": 1.0}, "neg1": {"weight": 1.0}})},
+        "karcher-antipodal": {"merge_method": "karcher", "models": entries(["ft1", "neg1"])},
+        "sce-one-model": {"merge_method": "sce", "base_model": str(m["base"]), "models": entries(["ft1"]),
+                          "parameters": {"select_topk": 0.5}},
+        "nearswap-large-t": {"merge_method": "nearswap", "base_model": str(m["base"]), "models": entries(["ft2"]),
+                             "parameters": {"t": 1000.0}},
         "ram": {"merge_method": "ram", "base_model": str(m["base"]), "models": entries(["sp1", "sp2", "sp3"])},
         "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": str(m["base"]),
                        "models": entries(["sp1", "sp2", "sp3"]), "parameters": {"r": 0.5, "alpha": 1.0}},
@@ -176,7 +195,8 @@ def main() -> int:
                     continue
                 r = compare(load_dir(ours_dir), load_dir(theirs_dir))
                 rows.append({"config": name, "case": case, **r})
-                print(f"{name:18s} {case:9s} max_abs={r['max_abs']:.3g} rel={r['max_rel']:.3g} ulps={r['max_ulps']:.3g} "
+                print(f"{name:18s} {case:9s} max_abs={r['max_abs']:.3g} rel={r['max_rel']:.3g} "
+                      f"ulps={r['max_ulps']:.3g} "
                       f"differ={r['ndiff']}/{r['numel']} identical={r['identical']}", file=sys.stderr)
     finally:
         if a.keep is None:

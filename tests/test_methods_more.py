@@ -56,7 +56,8 @@ class Zoo:
         base_sd = load_state(self.base)
         self.sparse = []
         for i, src in enumerate((self.a, self.b, self.c)):
-            sd = {k: torch.where(torch.rand(v.shape, generator=g) < 0.4, v, base_sd[k]) for k, v in load_state(src).items()}
+            sd = {k: torch.where(torch.rand(v.shape, generator=g) < 0.4, v, base_sd[k])
+                  for k, v in load_state(src).items()}
             self.sparse.append(write_model(self.base, root / f"sparse{i}", sd))
         self.base16 = save_tiny_llama(root / "base_bf16", seed=1, dtype=torch.bfloat16, **kw)
         self.a16 = save_variant(self.base16, root / "a_bf16", seed=21, scale=0.05)
