@@ -59,7 +59,7 @@ def check_settings(method: type[MergeMethod], settings: dict[str, Any], where: s
             )
         if level == "model" and spec.scope == "global":
             raise ConfigError(f"{where}.{key}: '{key}' applies to the whole merge; set it under the top-level 'parameters'")
-        if spec.kind in ("bool", "choice") and isinstance(value, list):
+        if spec.kind in ("bool", "choice", "int") and isinstance(value, list):
             raise ConfigError(f"{where}.{key}: '{key}' takes a single value, not a list")
         # range-check every number that can appear (scalar, gradient points, filtered values)
         for v in _all_values(value):

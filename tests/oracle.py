@@ -287,3 +287,148 @@ def assert_matches(actual: torch.Tensor, expected64: torch.Tensor, name: str = "
             f"{name}: {int(bad.sum())}/{err.numel()} elements off; worst flat index {i}: got "
             f"{float(a.reshape(-1)[i])!r}, expected {float(expected64.reshape(-1)[i])!r} "
             f"(err {float(err.reshape(-1)[i]):.3g}, tol {float(tol.reshape(-1)[i]):.3g}, dtype {actual.dtype})")
+
+
+# -- MergeKit 0.1.5 methods added later (multislerp, karcher, sce, nearswap, arcee_fusion) ---------------------------
+# Whole tensors, float64, the formulas as MergeKit 0.1.5 states them (thresholds included); no Gram-matrix tricks.
+def _unit_vectors(vs: list[torch.Tensor], eps: float) -> tuple[list[torch.Tensor], list[float]]:
+    norms = [float(v.norm()) for v in vs]
+    return [v / (n + eps) for v, n in zip(vs, norms)], norms
+
+
+def multislerp(thetas: list[torch.Tensor], weights: list[float], base: torch.Tensor | None = None, *,
+               normalize_weights: bool = True, eps: float = 1e-8, delta_dtype=torch.float32) -> torch.Tensor:
+    """Barycentre on the sphere: unit vectors u_i = v_i/(‖v_i‖+eps), m = normalized Σ w_i u_i, tangents
+    u_i − ⟨u_i,m⟩m, T = Σ w_i (…); exp map with ‖T‖+eps; times Σ w_i ‖v_i‖; plus the base. One model: as is."""
+    if len(thetas) == 1:
+        return f64(thetas[0])
+    vs = [delta(x, base, delta_dtype) if base is not None else f64(x) for x in thetas]
+    shape = vs[0].shape
+    vs = [v.reshape(-1) for v in vs]
+    w = torch.tensor(weights, dtype=F64)
+    if normalize_weights:
+        w = w / w.sum()
+    units, norms = _unit_vectors(vs, eps)
+    mean = sum(wi * u for wi, u in zip(w, units))
+    if float(mean.norm()) < eps:
+        assert len(vs) == 2, "antipodal inputs with cancelling weights"
+        out = w[0] * vs[0] + w[1] * vs[1]
+    else:
+        mean = mean / mean.norm()
+        tangent = sum(wi * (u - torch.dot(u, mean) * mean) for wi, u in zip(w, units))
+        tn = float(tangent.norm()) + eps
+        out = (mean * math.cos(tn) + tangent * (math.sin(tn) / tn)) * float(sum(wi * n for wi, n in zip(w, norms)))
+    out = out.reshape(shape)
+    return out + f64(base) if base is not None else out
+
+
+def karcher(tensors: list[torch.Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """Karcher mean of the unit vectors with equal weights α_i = 1/N, scaled by Σ α_i ‖v_i‖ (inputs with norm ≤ tol
+    are left out of the mean, not the scale). Fixed-point iteration on the sphere, as MergeKit runs it."""
+    if len(tensors) == 1:
+        return f64(tensors[0])
+    vs = [f64(x).reshape(-1) for x in tensors]
+    shape = tensors[0].shape
+    n = len(vs)
+    norms = [float(v.norm()) for v in vs]
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return torch.zeros(shape, dtype=F64)
+    alpha = {i: 1.0 / len(valid) for i in valid}
+    units = {i: vs[i] / norms[i] for i in valid}
+    mean = sum(alpha[i] * units[i] for i in valid)
+    mean = units[valid[0]].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for i in valid:
+            dot = max(-1.0, min(1.0, float(torch.dot(mean, units[i]))))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent = tangent + alpha[i] * (theta / math.sin(theta)) * (units[i] - dot * mean)
+        tn = float(tangent.norm())
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        if float(mean.norm()) > tol:
+            mean = mean / mean.norm()
+    scale = sum(nm / n for nm in norms)
+    return (scale * mean).reshape(shape)
+
+
+def sce(base: torch.Tensor, thetas: list[torch.Tensor], *, select_topk: float = 1.0,
+        delta_dtype=torch.float32) -> torch.Tensor:
+    """SCE: keep the int(ρ·#nonzero-variance) elements of largest variance across the task vectors (ties: lowest
+    index), weights = mean squared task vector normalized (uniform if the means sum < 1e-6), TIES sign erase,
+    weighted mean of the agreeing entries over max(Σ agreeing weights, 1e-6)."""
+    ds = [delta(x, base, delta_dtype) for x in thetas]
+    if select_topk < 1:
+        stack = torch.stack(ds)
+        var = ((stack - stack.mean(0)) ** 2).mean(0)
+        if select_topk <= 0:
+            keep = torch.zeros_like(var, dtype=torch.bool)
+        else:
+            keep = topk_mask(var, int(int(torch.count_nonzero(var)) * select_topk))
+        ds = [d * keep.to(F64) for d in ds]
+    means = [float((d ** 2).mean()) for d in ds]
+    total = sum(means)
+    weights = [1.0 / len(ds)] * len(ds) if abs(total) < 1e-6 else [m / total for m in means]
+    s = torch.where(sum(ds) >= 0, 1.0, -1.0).to(F64)
+    masks = [(torch.sign(d) == s).to(F64) for d in ds]
+    num = sum(m * w * d for m, w, d in zip(masks, weights, ds))
+    den = sum(m * w for m, w in zip(masks, weights))
+    return f64(base) + num / torch.clamp(den, min=1e-6)
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """w = clamp(t / max(|θ_b − θ_1|, 1e-6), 0, 1); w·θ_1 + (1 − w)·θ_b."""
+    a, b = f64(base), f64(other)
+    w = torch.clamp(t / torch.clamp((a - b).abs(), min=1e-6), 0.0, 1.0)
+    return w * b + (1 - w) * a
+
+
+def arcee_fusion_importance(base: torch.Tensor, other: torch.Tensor,
+                            importance_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """|θ_1 − θ_b| · KL(softmax θ_1 + 1e-8 ‖ softmax θ_b + 1e-8) per row, computed in ``importance_dtype``.
+
+    Why not float64 by default: the KL of two nearly equal rows (~1e-6) is a sum of ±1e-3-sized terms, so float32
+    gets it only to about 1 %, and which elements cross the threshold depends on exactly those values. MergeKit and
+    the engine both compute it in the compute dtype (float32 unless float64 is asked for), like δ above."""
+    a, b = base.to(importance_dtype), other.to(importance_dtype)
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(a, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(-1, keepdim=True)
+    return ((b - a).abs() * kl).to(F64)
+
+
+def arcee_fusion(base: torch.Tensor, other: torch.Tensor, importance_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Take θ_1 where |θ_1 − θ_b|·KL(row) ≥ median + 1.5·IQR of the tensor (quantiles: sorted[int(q·(n−1))])."""
+    imp = arcee_fusion_importance(base, other, importance_dtype)
+    flat = torch.sort(imp.reshape(-1)).values.to(importance_dtype)
+    n = flat.numel()
+    q1, med, q3 = (flat[int(q * (n - 1))] for q in (0.25, 0.5, 0.75))
+    # the threshold is rounded in the importance dtype too: with bf16 inputs |Δ| sits on a grid, and
+    # median + 1.5·IQR often lands exactly on another element's importance, where rounding decides
+    threshold = float(med + 1.5 * (q3 - q1))
+    mask = (imp >= threshold).to(F64)
+    return f64(base) + (f64(other) - f64(base)) * mask
+
+
+def ram(base: torch.Tensor, thetas: list[torch.Tensor], *, epsilon: float = 1e-5, r: float | None = None,
+        alpha: float = 0.2, delta_dtype=torch.float32) -> torch.Tensor:
+    """RAM: per element, the entries with |δ_i| > ε; one contributor → its δ, several → their mean, none → 0.
+    With ``r`` (RAM+ tensor-local): model i's sole-contributor entries × (1 + r·clamp(S_i / max(U_i, ε), 0, α)),
+    S_i / U_i = how many of its contributing entries are shared / unique over the whole tensor."""
+    ds = [delta(x, base, delta_dtype) for x in thetas]
+    nz = [(d.abs() > epsilon) for d in ds]
+    count = sum(m.to(torch.int64) for m in nz)
+    unique, overlap = count == 1, count > 1
+    out = torch.zeros_like(ds[0])
+    for d, m in zip(ds, nz):
+        lam = 1.0
+        if r is not None:
+            shared_n, unique_n = int((m & overlap).sum()), int((m & unique).sum())
+            lam = 1.0 + r * min(max(shared_n / max(unique_n, epsilon), 0.0), alpha)
+        out = out + torch.where(m & unique, d * lam, torch.zeros_like(d))
+        out = out + torch.where(m & overlap, d / count.clamp(min=1).to(F64), torch.zeros_like(d))
+    return f64(base) + out

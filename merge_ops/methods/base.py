@@ -28,7 +28,7 @@ class ParamSpec:
 
     name: str
     default: Any = None
-    kind: Literal["float", "bool", "choice"] = "float"
+    kind: Literal["float", "int", "bool", "choice"] = "float"
     scope: Literal["model", "global"] = "model"
     required: bool = False
     lo: float | None = None
@@ -56,6 +56,14 @@ class ParamSpec:
             raise ConfigError(f"{where}: '{self.name}' is NaN; give a finite number")
         if v in (float("inf"), float("-inf")):
             raise ConfigError(f"{where}: '{self.name}' = {v}; it must be a finite number")
+        if self.kind == "int":
+            if v != int(v):
+                raise ConfigError(f"{where}: '{self.name}' must be a whole number, got {value!r}")
+            if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+                lo = "-inf" if self.lo is None else int(self.lo)
+                hi = "inf" if self.hi is None else int(self.hi)
+                raise ConfigError(f"{where}: '{self.name}' = {int(v)} is out of range [{lo}, {hi}]")
+            return int(v)
         if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
             lo = "-inf" if self.lo is None else self.lo
             hi = "inf" if self.hi is None else self.hi
