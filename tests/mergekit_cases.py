@@ -143,4 +143,36 @@ CASES: list[dict] = [
                                 {"model": "{ft2}", "layer_range": [0, 2], "parameters": {"weight": 0.7}}]},
                    {"sources": [{"model": "{ft1}", "layer_range": [2, 4], "parameters": {"weight": [0.1, 0.9]}},
                                 {"model": "{ft3}", "layer_range": [2, 4], "parameters": {"weight": 0.5}}]}]}},
+    # --- methods added after the first set (MergeKit 0.1.5 semantics) -------------------------------------------
+    {"name": "multislerp_base", "family": "bf16", "expect": {"atol": 0.0079, "frac": 1e-3}, "config": {
+        "merge_method": "multislerp", "base_model": "{base}", **F32_BF16,
+        "models": [{"model": "{ft1}", "parameters": {"weight": 0.5}},
+                   {"model": "{ft2}", "parameters": {"weight": 0.3}},
+                   {"model": "{ft3}", "parameters": {"weight": 0.2}}]}},
+    {"name": "multislerp_nobase_f32", "family": "f32", "expect": {"atol": 1e-6}, "config": {
+        "merge_method": "multislerp", "dtype": "float32", "parameters": {"normalize_weights": False},
+        "models": [{"model": "{ft1}", "parameters": {"weight": 0.6}},
+                   {"model": "{ft2}", "parameters": {"weight": 0.6}}]}},
+    {"name": "karcher_f32", "family": "f32", "expect": {"atol": 1e-6}, "config": {
+        "merge_method": "karcher", "dtype": "float32",
+        "models": [{"model": "{ft1}"}, {"model": "{ft2}"}, {"model": "{ft3}"}]}},
+    {"name": "sce_f32", "family": "f32", "expect": {"atol": 1e-6}, "config": {
+        "merge_method": "sce", "base_model": "{base}", "dtype": "float32", "parameters": {"select_topk": 0.5},
+        "models": [{"model": "{ft1}"}, {"model": "{ft2}"}, {"model": "{ft3}"}]}},
+    {"name": "sce_all_bf16", "family": "bf16", "expect": "bitwise", "config": {
+        "merge_method": "sce", "base_model": "{base}", **F32_BF16,
+        "models": [{"model": "{ft1}"}, {"model": "{ft2}"}]}},
+    {"name": "nearswap", "family": "bf16", "expect": "bitwise", "config": {
+        "merge_method": "nearswap", "base_model": "{base}", **F32_BF16, "parameters": {"t": 0.01},
+        "models": [{"model": "{base}"}, {"model": "{ft2}"}]}},
+    {"name": "arcee_fusion_f32", "family": "f32", "expect": "bitwise", "config": {
+        "merge_method": "arcee_fusion", "base_model": "{base}", "dtype": "float32",
+        "models": [{"model": "{base}"}, {"model": "{ft1}"}]}},
+    {"name": "ram_f32", "family": "f32", "expect": "bitwise", "config": {
+        "merge_method": "ram", "base_model": "{base}", "dtype": "float32",
+        "models": [{"model": "{ft1}"}, {"model": "{ft3}"}]}},
+    {"name": "ramplus_tl_f32", "family": "f32", "expect": "bitwise", "config": {
+        "merge_method": "ramplus_tl", "base_model": "{base}", "dtype": "float32",
+        "parameters": {"r": 0.2, "alpha": 0.3},
+        "models": [{"model": "{ft1}"}, {"model": "{ft3}"}]}},
 ]

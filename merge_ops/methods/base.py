@@ -193,3 +193,14 @@ def get_method(name: str) -> type[MergeMethod]:
             + f"; available: {', '.join(sorted(REGISTRY))}"
         )
     return REGISTRY[name]
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w_i t_i accumulated in the tensors' dtype.
+
+    Each product is rounded before it is added (no fused multiply-add), so CPU, CUDA and the fused kernels agree
+    bit for bit."""
+    acc = torch.mul(tensors[0], weights[0], out=out) if out is not None else tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        acc.add_(t * w)
+    return acc
