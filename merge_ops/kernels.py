@@ -459,8 +459,31 @@ if HAVE_NUMBA:
                 for j in range(cols):
                     out32[o + j] = w32[o + j] + acc[j] * s
 
+    @njit(**_OPTS)
+    def _lora_add(w16, w32, bf16_in, d, s, out16, out32, bf16_out):
+        """``out`` ← ``W + d·s`` elementwise (``d`` = the rows of B @ A): PEFT's order (product, scale, add), rounded
+        once to the output dtype."""
+        if bf16_in and bf16_out:
+            for j in range(d.shape[0]):
+                out16[j] = _to_bf16(_bf16_val(w16[j]) + d[j] * s)
+        elif bf16_in:
+            for j in range(d.shape[0]):
+                out32[j] = _bf16_val(w16[j]) + d[j] * s
+        elif bf16_out:
+            for j in range(d.shape[0]):
+                out16[j] = _to_bf16(w32[j] + d[j] * s)
+        else:
+            for j in range(d.shape[0]):
+                out32[j] = w32[j] + d[j] * s
+
     def lora_apply(w, bf16_in: bool, B, A, s: float, out, bf16_out: bool) -> None:
-        """``out`` ← rows of ``W + s·(B @ A)`` for flat base rows ``w`` (bf16 bits or float32), on all cores."""
+        """``out`` ← rows of ``W + s·(B @ A)`` for flat base rows ``w`` (bf16 bits or float32), on all cores.
+
+        Each kernel thread takes a run of rows and, block by block, has BLAS (numpy's sgemm, held to ONE thread per
+        caller: its own pool would fight ours) compute ``B[rows] @ A`` into an L2-sized float32 buffer, then adds it
+        to the base rows with scale and rounding in one numba pass. A rank-r product is r multiply-adds per element:
+        BLAS keeps partial sums in registers, which the row-buffer kernel (:func:`_lora_rows`, the fallback without
+        threadpoolctl) cannot; measured ~1.5-2x faster here."""
         cols = A.shape[1]
         rows = B.shape[0]
         d16 = np.empty(1, np.uint16)
@@ -468,13 +491,30 @@ if HAVE_NUMBA:
         sf = np.float32(s)
         Bc = np.ascontiguousarray(B, dtype=np.float32)
         Ac = np.ascontiguousarray(A, dtype=np.float32)
+        limit = _one_blas_thread()
+        if limit is None:  # no threadpoolctl: the self-contained row kernel
+            def part(r0: int, r1: int) -> None:
+                sl = slice(r0 * cols, r1 * cols)
+                _lora_rows(w[sl] if bf16_in else d16, d32 if bf16_in else w[sl], bf16_in, Bc[r0:r1], Ac, sf,
+                           out[sl] if bf16_out else d16, d32 if bf16_out else out[sl], bf16_out)
+        else:
+            blk = max(1, min(rows, _LORA_BLOCK_ELEMS // max(1, cols)))
 
-        def part(r0: int, r1: int) -> None:
-            sl = slice(r0 * cols, r1 * cols)
-            _lora_rows(w[sl] if bf16_in else d16, d32 if bf16_in else w[sl], bf16_in, Bc[r0:r1], Ac, sf,
-                       out[sl] if bf16_out else d16, d32 if bf16_out else out[sl], bf16_out)
+            def part(r0: int, r1: int) -> None:
+                buf = np.empty(min(blk, r1 - r0) * cols, np.float32)
+                for i in range(r0, r1, blk):
+                    e = min(r1, i + blk)
+                    d = buf[: (e - i) * cols]
+                    np.matmul(Bc[i:e], Ac, out=d.reshape(e - i, cols))
+                    sl = slice(i * cols, e * cols)
+                    _lora_add(w[sl] if bf16_in else d16, d32 if bf16_in else w[sl], bf16_in, d, sf,
+                              out[sl] if bf16_out else d16, d32 if bf16_out else out[sl], bf16_out)
 
-        split_run(rows, part, min_items=max(1, (1 << 16) // max(1, cols)))
+        if limit is None:
+            split_run(rows, part, min_items=max(1, (1 << 16) // max(1, cols)))
+        else:
+            with limit:
+                split_run(rows, part, min_items=max(1, (1 << 16) // max(1, cols)))
 
     def linear_apply4(a0, a1, a2, a3, k, w, divisor, out16, out32, write_bf16):
         """Linear merge of up to four bf16 inputs (``k`` of a0..a3 used) in ONE pass: decode, weight, add and round
@@ -500,6 +540,22 @@ if HAVE_NUMBA:
 
 
 _SPLIT_POOL = None
+_LORA_BLOCK_ELEMS = 1 << 17  # float32 elements of B @ A per block (512 KB: stays in L2 until the add pass reads it)
+_BLAS = None
+
+
+def _one_blas_thread():
+    """A context manager holding numpy's BLAS to one thread (threadpoolctl, its controller built once), or None
+    when threadpoolctl is missing."""
+    global _BLAS
+    if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+        except Exception:  # noqa: BLE001 - optional speed-up only
+            _BLAS = False
+    return _BLAS.limit(limits=1, user_api="blas") if _BLAS else None
 _SPLIT_MIN = 1 << 16  # elements: below this one thread is faster than handing work over
 
 
