@@ -75,6 +75,10 @@ _UNSUPPORTED_PARTS = {
     "trainable_tokens_delta": "trainable_token_indices (TrainableTokens)",
     "original_module": "an unmerged ModulesToSaveWrapper copy",
 }
+# Last module-path component of output heads and input embeddings that transformers ties (tie_word_embeddings).
+_HEAD_NAMES = ("lm_head", "embed_out")
+_EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+DEFAULT_HEAD = "lm_head.weight"  # the output head of every *ForCausalLM model this was checked on
 # LoraConfig fields that change what merging means (or make it impossible); any truthy value is refused.
 _UNSUPPORTED_CONFIG = {
     "trainable_token_indices": "TrainableTokens rows",
@@ -160,12 +164,19 @@ class LoraAdapter:
         self._replacements = replacements
         self._tmpdir = tmpdir  # keeps the converted pickle alive as long as the adapter
         self._source_file = source_file or weight_file  # the file the user gave (the .bin when converted)
-        # base tensor name -> (module, "weight" | "bias")
-        self._targets: dict[str, tuple[_Module, str]] = {}
+        # base tensor name -> [(module, "weight" | "bias")], in PEFT's merge order. Usually one module per tensor;
+        # with tied input/output embeddings the embedding's and the output head's updates both land on the one
+        # stored tensor (see _resolve_tied).
+        self._targets: dict[str, list[tuple[_Module, str]]] = {}
         for m in modules.values():
-            self._targets[f"{m.path}.weight"] = (m, "weight")
+            self._targets[f"{m.path}.weight"] = [(m, "weight")]
             if m.bias is not None:
-                self._targets[f"{m.path}.bias"] = (m, "bias")
+                self._targets[f"{m.path}.bias"] = [(m, "bias")]
+        #: how check_base treated tied embeddings: None, "tied" (updates folded into the shared tensor) or
+        #: "untied" (the output head written as its own tensor, tie_word_embeddings set false)
+        self.tying: str | None = None
+        self._untied: tuple[str, str] | None = None  # (head, embedding) when "untied"
+        self.notes: list[str] = []  # things the caller should report (the manifest's warnings)
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -418,9 +429,9 @@ class LoraAdapter:
         return self._replacements.get(name)
 
     def scale(self, name: str) -> float | None:
-        """PEFT's ``scaling`` for the module behind base tensor ``name`` (None if it has no LoRA update)."""
+        """PEFT's ``scaling`` for the (first) module behind base tensor ``name`` (None if it has no LoRA update)."""
         t = self._targets.get(name)
-        return t[0].scale if t else None
+        return t[0][0].scale if t else None
 
     def is_row_local(self, name: str) -> bool:
         """Whether :meth:`apply` on a block of rows of ``name`` needs only those rows.
@@ -428,24 +439,21 @@ class LoraAdapter:
         False only for DoRA whose norm runs down the stored columns (Conv1D and embedding layers): every output
         row depends on the whole column norm, so the caller must pass the whole tensor.
         """
-        t = self._targets.get(name)
-        if t is None:
-            return True
-        m, what = t
-        if what == "bias" or m.magnitude is None:
-            return True
-        if m.embedding:
-            return False
-        return not self._conv1d(m, None)
+        for m, what in self._targets.get(name, ()):
+            if what == "bias" or m.magnitude is None:
+                continue
+            if m.embedding or self._conv1d(m, None):
+                return False
+        return True
 
     def plain_update(self, name: str) -> tuple[np.ndarray, np.ndarray, float] | None:
         """``(A, B, s)`` (float32 numpy) when base tensor ``name`` gets a plain row-local LoRA update
         ``W + s·(B @ A)`` — no DoRA, not an embedding, not a Conv1D layout, not a bias — else None. The engine's
         numpy fast path handles exactly these; everything else goes through :meth:`apply` (torch)."""
         t = self._targets.get(name)
-        if t is None:
+        if t is None or len(t) != 1:
             return None
-        m, what = t
+        m, what = t[0]
         if what == "bias" or m.magnitude is not None or m.embedding or self._conv1d(m, None):
             return None
         return m.A, m.B, m.scale
@@ -470,6 +478,109 @@ class LoraAdapter:
             return m.conv1d
         return bool(self.config.get("fan_in_fan_out"))
 
+    def _ties_copies(self) -> bool:
+        """Whether PEFT keeps tied modules_to_save copies tied: ``ensure_weight_tying`` works only when one of the
+        saved modules is named like PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``/``lm_head``; not GPT-2's
+        ``wte``, for example)."""
+        mts = self.config.get("modules_to_save") or []
+        return bool(self.config.get("ensure_weight_tying")) and any(
+            str(x).split(".")[-1] in ("embed_tokens", "lm_head") for x in mts)
+
+    def _ties_targets(self) -> bool:
+        """Whether PEFT (``ensure_weight_tying``) re-creates a tied LoRA on the output head at load: only when
+        ``target_modules`` names an embedding the way PEFT recognises it (last component ``embed_tokens``/``lm_head``;
+        the saved config lists the embedding only)."""
+        tm = self.config.get("target_modules")
+        names = ("embed_tokens", "lm_head")
+        if isinstance(tm, str):
+            return any(re.fullmatch(tm, n) for n in names)
+        return any(str(x).split(".")[-1] in names for x in (tm or []))
+
+    def _resolve_tied(self, base: "Checkpoint") -> None:
+        """Reproduce what PEFT does with tied input/output embeddings (``tie_word_embeddings``).
+
+        A tied base stores one tensor (e.g. ``model.embed_tokens.weight``) and no ``lm_head.weight``; in the model
+        both modules hold the *same* Parameter. PEFT then behaves as follows (checked against peft 0.21):
+
+        * LoRA on ``lm_head`` (and/or the embedding): every merge writes into the shared Parameter, so the
+          embedding's update and then the head's land on the one stored tensor (the model stays tied). A saved
+          ``lm_head.base_layer.weight`` copy is loaded into it after the embedding's copy, so the head's wins.
+        * ``modules_to_save`` on ``lm_head`` or the embedding (without ``ensure_weight_tying``): the trained copy
+          replaces one module only, so the merged model is *untied* — the other keeps the base weight, and
+          transformers saves such a model with both tensors and ``tie_word_embeddings: false``. Here: the head is
+          added as its own output tensor (the base embedding's bytes, or the adapter's copy) and the output
+          config says ``tie_word_embeddings: false``.
+        * ``modules_to_save`` with ``ensure_weight_tying``: both copies are saved and loaded into one Parameter
+          (the head's last): stays tied.
+        """
+        conf = base.config if isinstance(base.config, dict) else {}
+        text_conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else {}
+
+        def untie(head: str, emb: str) -> None:
+            base.tensors[head] = base.tensors[emb]  # the head starts from the base embedding's bytes
+            for c in (conf, text_conf):
+                if "tie_word_embeddings" in c or c is conf:
+                    c["tie_word_embeddings"] = False
+
+        if self.tying is not None:  # settled by an earlier check_base: only redo what it did to the base
+            if self._untied is not None and self._untied[0] not in base.tensors and self._untied[1] in base.tensors:
+                untie(*self._untied)
+            return
+        tie = conf.get("tie_word_embeddings", text_conf.get("tie_word_embeddings", True))
+        if tie is False:
+            return
+        touched = {n for n in self._targets if n.endswith(".weight")} | set(self._replacements)
+        heads = sorted(n for n in touched if n not in base.tensors and len(n.split(".")) >= 2
+                       and n.split(".")[-2] in _HEAD_NAMES)
+        copies = {n for n, info in self._replacements.items() if ".base_layer." not in info.name}
+        embeds = [n for n in base.tensors if n.endswith(".weight") and len(n.split(".")) >= 2
+                  and n.split(".")[-2] in _EMBED_NAMES and len(base.tensors[n].shape) == 2]
+        if not heads:
+            # only the embedding is touched: a modules_to_save copy of it unties the model (the head keeps the base
+            # weight); LoRA on it changes the shared tensor, which a tied reload reproduces by itself
+            emb_copies = [n for n in embeds if n in copies]
+            if len(emb_copies) == 1 and DEFAULT_HEAD not in base.tensors and not self._ties_copies():
+                heads = [DEFAULT_HEAD]
+            else:
+                return
+        for head in heads:
+            shape = self._replacements[head].shape if head in self._replacements else None
+            if shape is None:
+                m = next((m for m, w in self._targets.get(head, ()) if w == "weight"), None)
+                shape = (m.out_features, m.in_features) if m is not None else None
+            cands = [n for n in embeds if shape is None or tuple(base.tensors[n].shape) == tuple(shape)]
+            if len(cands) != 1:
+                return  # cannot tell which tensor the head is tied to: check_base reports the missing tensor
+            emb = cands[0]
+            if (head in copies or emb in copies) and not self._ties_copies():
+                untie(head, emb)
+                self._untied = (head, emb)
+                self.tying = "untied"
+                self.notes.append(
+                    f"adapter {self.path}: modules_to_save on '{head if head in copies else emb}' of a model with tied "
+                    f"embeddings: as in PEFT's merge the output embedding and '{head}' differ, so '{head}' is written "
+                    f"as its own tensor and tie_word_embeddings is set to false")
+            else:
+                # PEFT merges into the shared Parameter: the head's update follows the embedding's on one tensor
+                head_mods = self._targets.pop(head, [])
+                emb_mod = next((m for m, w in self._targets.get(emb, ()) if m.embedding), None)
+                if self.config.get("ensure_weight_tying") and emb_mod is not None and head_mods:
+                    if self._ties_targets():
+                        # the head's LoRA *is* the embedding's (lora_A = Bᵀ, lora_B = Aᵀ, one storage); the head's
+                        # keys load last, so their values win for both, and PEFT merges both: the update lands twice
+                        hm = head_mods[0][0]
+                        emb_mod.A, emb_mod.B = np.ascontiguousarray(hm.B.T), np.ascontiguousarray(hm.A.T)
+                        emb_mod._cache.clear()
+                    else:
+                        head_mods = []  # PEFT does not recreate the head's LoRA at load: its saved keys are unused
+                self._targets.setdefault(emb, []).extend(head_mods)
+                if head in self._replacements:
+                    self._replacements[emb] = self._replacements.pop(head)
+                self.tying = "tied"
+                self.notes.append(
+                    f"adapter {self.path}: '{head}' is tied to '{emb}' in the base model; as in PEFT's merge, its "
+                    f"update is applied to the shared tensor '{emb}' (so the input embedding changes too)")
+
     def check_base(self, base: "Checkpoint") -> None:
         """Raise InputError unless every tensor this adapter touches exists in ``base`` with a fitting shape.
 
@@ -478,6 +589,7 @@ class LoraAdapter:
         tensor is written, beats a shape error (or a silently wrong merge for square weights) half-way through.
         """
         who = self._who()
+        self._resolve_tied(base)
         for name, info in sorted(self._replacements.items()):
             b = base.tensors.get(name)
             if b is None:
@@ -494,7 +606,8 @@ class LoraAdapter:
                 )
         # first pass: layouts known from non-square shapes
         decided: list[_Module] = []
-        for name, (m, what) in sorted(self._targets.items()):
+        for name, m, what in sorted(((n, m, w) for n, mods in self._targets.items() for m, w in mods),
+                                    key=lambda x: (x[0], x[1].path)):
             b = base.tensors.get(name)
             if b is None:
                 raise InputError(
@@ -550,7 +663,11 @@ class LoraAdapter:
         t = self._targets.get(name)
         if t is None:
             return weight
-        m, what = t
+        for m, what in t:  # several only for tied embeddings: in PEFT's merge order (embedding, then head)
+            weight = self._apply_one(name, m, what, weight, row_start)
+        return weight
+
+    def _apply_one(self, name: str, m: _Module, what: str, weight: torch.Tensor, row_start: int) -> torch.Tensor:
         if not weight.is_floating_point():
             raise TypeError(f"internal: apply('{name}') needs floating-point rows, got {weight.dtype}")
         A, B, mag, bias = m.on(weight.device, weight.dtype)

@@ -122,6 +122,8 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         index[r] = len(opened)
         opened.append(src)
     _check_architectures(opened)
+    adapter_notes = [n for src in opened if getattr(src, "adapter", None) is not None
+                     for n in getattr(src.adapter, "notes", [])]
 
     compute = (str(compute_dtype).replace("torch.", "") if compute_dtype is not None else
                ("float64" if cfg.dtype == "float64" else "float32"))
@@ -129,7 +131,7 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         raise ConfigError(f"compute dtype '{compute}': expected float32 or float64")
     method = method_cls()
     dev = device or CpuDevice()
-    warnings: list[str] = []
+    warnings: list[str] = list(adapter_notes)
     if cfg.models is not None:
         donor = index[cfg.base_model] if cfg.base_model else index[cfg.models[0].model]
         slots_nb = [_Slot(index[m.model], None, m.parameters, m.model) for m in cfg.models]
