@@ -75,6 +75,12 @@ _UNSUPPORTED_PARTS = {
     "trainable_tokens_delta": "trainable_token_indices (TrainableTokens)",
     "original_module": "an unmerged ModulesToSaveWrapper copy",
 }
+# init_lora_weights values whose adapters merge as plain LoRA: PEFT's load leaves the base weights alone (checked
+# against peft 0.21: loading such an adapter on the original base and merging equals a plain merge).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# init_lora_weights values for which PEFT's *load* rewrites each targeted Linear weight into a residual (W - s·B₀A₀ from
+# an SVD / QR of W) before the saved A/B are loaded; merge_and_unload on the original base merges into that residual.
+_RESIDUAL_INITS = ("pissa", "olora")
 # Last module-path component of output heads and input embeddings that transformers ties (tie_word_embeddings).
 _HEAD_NAMES = ("lm_head", "embed_out")
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
@@ -93,6 +99,42 @@ _UNSUPPORTED_CONFIG = {
     "kasa_config": "KaSA",
     "megatron_config": "Megatron parallel layers",
 }
+
+
+def _residual_init(config: dict, cfg_path: Path | str) -> str | None:
+    """``"pissa"``/``"olora"`` when PEFT's load turns the base weights into a residual, None for a plain merge;
+    refuses the init values whose merge PEFT itself cannot reproduce from the original base.
+
+    Why this matters: an adapter saved straight after PiSSA/OLoRA training (not converted with
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``) only makes sense on top of the residual base.
+    PEFT's ``from_pretrained`` recomputes that residual from the original base (deterministic SVD / QR) and then
+    merges; a plain ``W + s·B·A`` would be off by the principal components PEFT subtracted.
+    """
+    init = config.get("init_lora_weights", True)
+    if init is None or isinstance(init, bool):
+        return None
+    if not isinstance(init, str):
+        raise InputError(f"{cfg_path}: 'init_lora_weights' is {init!r}; expected true/false or a PEFT init name")
+    convert = ("Save the adapter with PeftModel.save_pretrained(..., path_initial_model_for_weight_conversion="
+               "<the untrained adapter directory>) (it becomes a plain LoRA on the original base), or merge with "
+               "PEFT on the exact base it was trained on")
+    if init == "pissa" or init.lower() == "olora":
+        return init.lower()
+    if init.startswith("pissa"):
+        raise UnsupportedError(
+            f"{cfg_path}: init_lora_weights is '{init}': PEFT rebuilds the residual base with a randomized SVD on "
+            f"every load, so even PEFT's own merge differs run to run and cannot be reproduced. {convert}")
+    if init.startswith("corda") or init == "loftq":
+        raise UnsupportedError(
+            f"{cfg_path}: init_lora_weights is '{init}': the adapter belongs to a base model modified at init "
+            f"({'CorDA needs the preprocessed covariance data' if init.startswith('corda') else 'LoftQ quantizes it'}); "
+            f"PEFT cannot rebuild it from the original base either. {convert}")
+    if init in _PLAIN_INITS or init.lower() == "gaussian":
+        return None
+    raise UnsupportedError(
+        f"{cfg_path}: init_lora_weights is '{init}', which mergeline does not know; if that init may have modified "
+        f"the base weights the merge would be wrong. If it did not (plain A/B initialisation), set "
+        f"\"init_lora_weights\": true in adapter_config.json")
 
 
 def _match_pattern(patterns: dict[str, Any], module_path: str, where: str) -> Any | None:
@@ -124,6 +166,8 @@ class _Module:
     keys: dict[str, str] = field(default_factory=dict)  # kind -> adapter key (for messages)
     scale: float = 0.0
     conv1d: bool | None = None  # stored weight is [in, out] (GPT-2 Conv1D); None until known
+    residual_init: str | None = None  # "pissa" / "olora": PEFT rebuilds a residual base weight at load (Linear only)
+    base_dtype: str | None = None  # safetensors dtype of the base tensor (the residual is rounded to it, as in PEFT)
     _cache: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     @property
@@ -251,6 +295,7 @@ class LoraAdapter:
         for key in ("lora_alpha", "r"):
             if key in config and not isinstance(config[key], (int, float)):
                 raise InputError(f"{cfg_path}: '{key}' must be a number, got {config[key]!r}")
+        _residual_init(config, cfg_path)
 
     @classmethod
     def _parse_keys(cls, infos: dict[str, TensorInfo], path: Path, weight_file: Path,
@@ -414,6 +459,8 @@ class LoraAdapter:
                                  f"(check lora_alpha / alpha_pattern in adapter_config.json)")
             r = m.rank
             m.scale = alpha / math.sqrt(r) if rslora else alpha / r
+            if not m.embedding:  # PEFT's Embedding layers ignore pissa/olora (plain init)
+                m.residual_init = _residual_init(config, where)
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def changed_tensors(self) -> set[str]:
@@ -440,6 +487,8 @@ class LoraAdapter:
         row depends on the whole column norm, so the caller must pass the whole tensor.
         """
         for m, what in self._targets.get(name, ()):
+            if what == "weight" and m.residual_init:
+                return False  # the SVD / QR needs the whole weight
             if what == "bias" or m.magnitude is None:
                 continue
             if m.embedding or self._conv1d(m, None):
@@ -454,7 +503,7 @@ class LoraAdapter:
         if t is None or len(t) != 1:
             return None
         m, what = t[0]
-        if what == "bias" or m.magnitude is not None or m.embedding or self._conv1d(m, None):
+        if what == "bias" or m.magnitude is not None or m.embedding or m.residual_init or self._conv1d(m, None):
             return None
         return m.A, m.B, m.scale
 
@@ -619,6 +668,8 @@ class LoraAdapter:
                 )
             if not b.is_float:
                 raise InputError(f"{who}: base tensor '{name}' in {base.path} has dtype {b.dtype}; LoRA needs floats")
+            if what == "weight":
+                m.base_dtype = b.dtype
             if what == "bias":
                 if tuple(b.shape) != (m.out_features,):
                     raise InputError(
@@ -644,8 +695,20 @@ class LoraAdapter:
             if not m.embedding and m.out_features != m.in_features:
                 m.conv1d = shape == (m.in_features, m.out_features)
                 decided.append(m)
+                if m.conv1d and m.residual_init == "olora":
+                    raise UnsupportedError(
+                        f"{who}: init_lora_weights 'olora' on the Conv1D (fan_in_fan_out) module '{m.path}': PEFT's "
+                        f"OLoRA init factors the stored [in, out] weight, which does not fit the saved lora_A/lora_B "
+                        f"(PEFT cannot load this adapter either). Convert it with path_initial_model_for_weight_"
+                        f"conversion or merge with PEFT on the base it was trained on")
         # second pass: square weights. PEFT picks the layout from the module class; the shape cannot tell, so use
         # fan_in_fan_out, or Conv1D when the adapter's other (non-square) targets show the model uses Conv1D.
+        # PEFT builds the PiSSA/OLoRA residual at load and then loads the saved state dict: a saved base_layer copy
+        # of the module (lm_head, embeddings) overwrites the residual, so that module merges as plain LoRA on the copy
+        for name, mods in self._targets.items():
+            if name in self._replacements:
+                for m, _ in mods:
+                    m.residual_init = None
         any_conv = any(m.conv1d for m in decided)
         for m in self._modules.values():
             if not m.embedding and m.out_features == m.in_features:
@@ -666,6 +729,27 @@ class LoraAdapter:
         for m, what in t:  # several only for tied embeddings: in PEFT's merge order (embedding, then head)
             weight = self._apply_one(name, m, what, weight, row_start)
         return weight
+
+    @staticmethod
+    def _residual(m: _Module, weight: torch.Tensor, conv: bool) -> torch.Tensor:
+        """The base weight PEFT's load leaves behind for PiSSA / OLoRA adapters, computed with PEFT's own operations
+        (``pissa_init`` / ``olora_init``) in float32, then rounded to the base tensor's dtype as PEFT stores it."""
+        w = weight.to(torch.float32)
+        r, s = m.rank, m.scale
+        if m.residual_init == "pissa":
+            w = w.T if conv else w  # PEFT transposes fan_in_fan_out (Conv1D) weights to [out, in] first
+            V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+            Vr, Sr, Uhr = V[:, :r], S[:r] / s, Uh[:r]
+            lora_A = torch.diag(torch.sqrt(Sr)) @ Uhr
+            lora_B = Vr @ torch.diag(torch.sqrt(Sr))
+            res = w - s * lora_B @ lora_A
+            res = res.T if conv else res
+        else:  # olora: a QR of the stored weight, as PEFT does it (no fan_in_fan_out handling)
+            Q, R = torch.linalg.qr(w)
+            res = w - s * Q[:, :r].contiguous() @ R[:r].contiguous()
+        if m.base_dtype in ("BF16", "F16"):
+            res = res.to(torch.bfloat16 if m.base_dtype == "BF16" else torch.float16).to(torch.float32)
+        return res.to(weight.dtype).contiguous()
 
     def _apply_one(self, name: str, m: _Module, what: str, weight: torch.Tensor, row_start: int) -> torch.Tensor:
         if not weight.is_floating_point():
@@ -691,6 +775,11 @@ class LoraAdapter:
                 f"internal: apply('{name}'): got rows {row_start}..{row_start + n} of shape {list(weight.shape)}, "
                 f"but the adapter module '{m.path}' updates a [{full_rows}, {row_dim}] tensor (check_base not called?)"
             )
+        if m.residual_init:
+            if n != full_rows:
+                raise ValueError(f"internal: apply('{name}'): {m.residual_init} init needs the whole tensor "
+                                 f"(is_row_local is False), got rows {row_start}..{row_start + n} of {full_rows}")
+            weight = self._residual(m, weight, conv)
         if mag is None and not (m.embedding or conv) and weight.is_contiguous():
             # plain LoRA: one BLAS call, W += s·(B @ A) in place (no delta temporary, no extra passes)
             return weight.addmm_(B[rows], A, alpha=s)

@@ -234,7 +234,11 @@ class _Planner:
         lead_src = self.sources[lead]
         info = lead_src.info(name)
         shape = info.shape
-        out_dtype = DTYPE_TO_ST[cfg.out_dtype or cfg.dtype] if (cfg.out_dtype or cfg.dtype) else info.dtype
+        # an adapter's full copy of a tensor (modules_to_save, base_layer) is loaded into the base parameter by PEFT,
+        # so the output keeps the base tensor's dtype, not the copy's
+        own = lead_src.checkpoint.tensors.get(name, info)
+        out_dtype = DTYPE_TO_ST[cfg.out_dtype or cfg.dtype] if (cfg.out_dtype or cfg.dtype) else (
+            own.dtype if own.is_float else info.dtype)
         if not info.is_float:
             return OutputTensor(out_name, shape, info.dtype, None, [], None, copy_from=InputRef(lead, name))
 
