@@ -234,6 +234,14 @@ class LoraAdapter:
                 f"pass the directory that contains it"
             )
         cfg_path = path / CONFIG_FILE
+        subs = sorted(d for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if not cfg_path.is_file() else []
+        if subs:
+            # PeftModel.save_pretrained of a model with several adapters writes each non-default one to <dir>/<name>
+            raise InputError(
+                f"adapter {path}: no {CONFIG_FILE} here, but its subfolders hold adapters (PEFT saves each "
+                f"non-default adapter of a multi-adapter model in its own subfolder); pass one of: "
+                + ", ".join(str(d) for d in subs)
+            )
         if not cfg_path.is_file():
             raise InputError(
                 f"adapter {path}: {CONFIG_FILE} is missing; a PEFT adapter directory needs it (it holds lora_alpha, "
@@ -285,9 +293,17 @@ class LoraAdapter:
             )
         for key, what in _UNSUPPORTED_CONFIG.items():
             if config.get(key):
+                detail, todo = "", ""
+                if key == "target_parameters":
+                    # transformers 5 stores MoE experts as fused 3-D parameters; PEFT's "all-linear" (and names like
+                    # "gate" for a router) then become target_parameters, folded into fused tensors that checkpoints
+                    # store per expert under other names
+                    detail = (f": {config.get(key)!r}; with transformers 5, target_modules='all-linear' on a mixture-"
+                              f"of-experts model targets the fused expert/router parameters this way")
+                    todo = "Train with explicit target_modules that leave out the experts and the router, or merge"
                 raise UnsupportedError(
-                    f"{cfg_path}: '{key}' is set ({what}); mergeline cannot fold that into base weights. Merge with "
-                    f"PEFT's merge_and_unload and pass the merged model instead"
+                    f"{cfg_path}: '{key}' is set ({what}{detail}); mergeline cannot fold that into base weights. "
+                    + (todo or "Merge") + " with PEFT's merge_and_unload and pass the merged model instead"
                 )
         for key in ("rank_pattern", "alpha_pattern"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
