@@ -221,6 +221,13 @@ class LoraAdapter:
         self.tying: str | None = None
         self._untied: tuple[str, str] | None = None  # (head, embedding) when "untied"
         self.notes: list[str] = []  # things the caller should report (the manifest's warnings)
+        residual = sorted({m.residual_init for m in modules.values() if m.residual_init})
+        if residual:
+            self.notes.append(
+                f"adapter {path}: init_lora_weights '{residual[0]}': merged into the residual base PEFT rebuilds at "
+                f"load ({'an SVD' if residual[0] == 'pissa' else 'a QR'} of each targeted weight, whole tensors: slow "
+                f"on large models); save the adapter with path_initial_model_for_weight_conversion to merge it as "
+                f"plain LoRA")
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod
