@@ -81,6 +81,15 @@ _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 # init_lora_weights values for which PEFT's *load* rewrites each targeted Linear weight into a residual (W - s·B₀A₀ from
 # an SVD / QR of W) before the saved A/B are loaded; merge_and_unload on the original base merges into that residual.
 _RESIDUAL_INITS = ("pissa", "olora")
+# transformers >= 5 runtime module names -> checkpoint names (the reverse of the WeightRenaming rules in transformers'
+# conversion_mapping.py that matter for LoRA targets), one family per list; see LoraAdapter._resolve_renames.
+_RUNTIME_RENAMES: tuple[tuple[tuple[str, str], ...], ...] = (
+    # Llava, Mistral3
+    ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head.")),
+    ((r"^model\.language_model\.", "model."),),  # Qwen2-VL / Qwen2.5-VL text stack
+    ((r"^lm_head\.", "embed_out."),),  # GPT-NeoX
+    ((r"\.mlp\.", ".block_sparse_moe."),),  # Mixtral, PhiMoE (non-expert modules under the MoE block)
+)
 # Last module-path component of output heads and input embeddings that transformers ties (tie_word_embeddings).
 _HEAD_NAMES = ("lm_head", "embed_out")
 _EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
@@ -127,7 +136,8 @@ def _residual_init(config: dict, cfg_path: Path | str) -> str | None:
     if init.startswith("corda") or init == "loftq":
         raise UnsupportedError(
             f"{cfg_path}: init_lora_weights is '{init}': the adapter belongs to a base model modified at init "
-            f"({'CorDA needs the preprocessed covariance data' if init.startswith('corda') else 'LoftQ quantizes it'}); "
+            f"({'CorDA needs its preprocessed covariance data' if init.startswith('corda') else 'LoftQ quantizes it'}"
+            f"); "
             f"PEFT cannot rebuild it from the original base either. {convert}")
     if init in _PLAIN_INITS or init.lower() == "gaussian":
         return None
@@ -550,6 +560,46 @@ class LoraAdapter:
             return m.conv1d
         return bool(self.config.get("fan_in_fan_out"))
 
+    def _resolve_renames(self, base: "Checkpoint") -> None:
+        """Map adapter module paths written with transformers ≥ 5 *runtime* names onto the checkpoint's names.
+
+        transformers 5 renames some modules when it loads a checkpoint and renames them back when it saves
+        (``conversion_mapping.py``): a PEFT adapter trained under it names ``model.language_model.layers.0…`` while
+        the Llava checkpoint on disk says ``language_model.model.layers.0…`` (Qwen2-VL: ``model.layers.0…``,
+        GPT-NeoX: ``embed_out`` for ``lm_head``, Mixtral: ``block_sparse_moe`` for ``mlp``). PEFT loads the base through
+        transformers, so it never sees the difference; here the rename is undone with the reverse rules below, one
+        family at a time, and only for names the base lacks and the rule turns into a name the base has.
+        """
+        names = sorted((set(self._targets) | set(self._replacements)) - set(base.tensors))
+        if not names:
+            return
+        best: dict[str, str] = {}
+        for rules in _RUNTIME_RENAMES:
+            mapping = {}
+            for n in names:
+                for rx, repl in rules:
+                    new = re.sub(rx, repl, n, count=1)
+                    if new != n and new in base.tensors:
+                        mapping[n] = new
+                        break
+            if len(mapping) > len(best):
+                best = mapping
+        for old, new in best.items():
+            if new in self._targets or new in self._replacements:
+                raise InputError(
+                    f"{self._who()}: adapter tensors for both '{old}' and '{new}' (two names of one base tensor, "
+                    f"'{new}' in {base.path}); the adapter file is inconsistent")
+        for old, new in best.items():
+            if old in self._targets:
+                self._targets[new] = self._targets.pop(old)
+            if old in self._replacements:
+                self._replacements[new] = self._replacements.pop(old)
+        if best:
+            sample = next(iter(best.items()))
+            self.notes.append(
+                f"adapter {self.path}: the names of {len(best)} base tensors follow transformers' runtime module "
+                f"names, mapped to the checkpoint's (e.g. '{sample[0]}' → '{sample[1]}')")
+
     def _ties_copies(self) -> bool:
         """Whether PEFT keeps tied modules_to_save copies tied: ``ensure_weight_tying`` works only when one of the
         saved modules is named like PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``/``lm_head``; not GPT-2's
@@ -661,6 +711,7 @@ class LoraAdapter:
         tensor is written, beats a shape error (or a silently wrong merge for square weights) half-way through.
         """
         who = self._who()
+        self._resolve_renames(base)
         self._resolve_tied(base)
         for name, info in sorted(self._replacements.items()):
             b = base.tensors.get(name)

@@ -64,6 +64,16 @@ def _config(arch: str, tie: bool | None):
         "gpt2": lambda: T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0,
                                      eos_token_id=0),  # Conv1D, embedding named wte
         "falcon": lambda: T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=128),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, vocab_size=128, max_position_embeddings=64),
+        "llava": lambda: T.LlavaConfig(
+            vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=4, image_size=16, patch_size=8),
+            text_config=T.LlamaConfig(**small), image_token_index=5),
+        "qwen2_vl": lambda: T.Qwen2VLConfig(
+            text_config=dict(small, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}), vocab_size=128,
+            vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                               spatial_merge_size=2, temporal_patch_size=2)),
         "opt": lambda: T.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                    word_embed_proj_dim=32, vocab_size=128, max_position_embeddings=64, pad_token_id=1),
     }[arch]()
@@ -72,7 +82,14 @@ def _config(arch: str, tie: bool | None):
     return c
 
 
-_BASES: dict[tuple, Path] = {}
+_MODEL_CLS = {"llava": transformers.LlavaForConditionalGeneration,
+              "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}
+
+
+def model_cls(base: Path):
+    """The transformers class to load ``base`` with (vision-language models are not AutoModelForCausalLM)."""
+    arch = json.loads((base / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch) if arch in {c.__name__ for c in _MODEL_CLS.values()} else AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +103,8 @@ def bases(tmp_path_factory):
         key = (arch, tie, dtype)
         if key not in cache:
             torch.manual_seed(1)
-            m = AutoModelForCausalLM.from_config(_config(arch, tie))
+            cfg = _config(arch, tie)
+            m = _MODEL_CLS[arch](cfg) if arch in _MODEL_CLS else AutoModelForCausalLM.from_config(cfg)
             with torch.no_grad():
                 for p in m.parameters():
                     p.add_(0.02 * torch.randn_like(p))
@@ -118,7 +136,7 @@ def perturb(adapter_dir: Path, seed: int = 0) -> None:
 def make_adapter(tmp_path: Path, base: Path, name: str = "adapter", *, init=False, perturb_it: bool = True,
                  dtype: torch.dtype = torch.float32, adapter_name: str = "default", **lora_kw) -> Path:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    model = model_cls(base).from_pretrained(str(base), dtype=dtype)
     lora_kw.setdefault("r", 4)
     lora_kw.setdefault("lora_alpha", 8)
     pm = get_peft_model(model, LoraConfig(init_lora_weights=init, **lora_kw), adapter_name=adapter_name)
@@ -142,7 +160,7 @@ def assert_peft_parity(tmp_path: Path, base: Path, adapter: Path, *, dtype: torc
                        tol: float | None = TOL, out_name: str = "merged") -> dict:
     """Merge with mergeline and compare with PEFT as described in the module docstring. ``tol=None``: one rounding
     step of ``dtype`` (bf16: |Δ| ≤ 2⁻⁷·(|PEFT| + |base|)); returns the output's tensors, config and manifest."""
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype),
+    merged = PeftModel.from_pretrained(model_cls(base).from_pretrained(str(base), dtype=dtype),
                                        str(adapter)).merge_and_unload()
     ref = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     merged.save_pretrained(str(tmp_path / f"{out_name}-peft"))
@@ -166,7 +184,7 @@ def assert_peft_parity(tmp_path: Path, base: Path, adapter: Path, *, dtype: torc
 
     for k in ours:
         close(k, ours[k], saved[k])
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).state_dict()
+    reloaded = model_cls(base).from_pretrained(str(out), dtype=dtype).state_dict()
     assert set(reloaded) == set(ref)
     for k in ref:
         close(k, reloaded[k], ref[k])
@@ -222,14 +240,14 @@ def test_tied_embeddings_ensure_weight_tying(tmp_path, bases):
                              out_name="m1")
     assert res["config"]["tie_word_embeddings"] is True and "lm_head.weight" not in res["tensors"]
     # perturbed independently: the file's head LoRA differs from the embedding's (PEFT: the head's values win)
-    assert_peft_parity(tmp_path, llama, make_adapter(tmp_path, llama, "lora", target_modules=["embed_tokens", "lm_head"],
-                                                     ensure_weight_tying=True), out_name="m2")
+    ad = make_adapter(tmp_path, llama, "lora", target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True)
+    assert_peft_parity(tmp_path, llama, ad, out_name="m2")
     ad = make_adapter(tmp_path, gpt2, "gpt2", target_modules=["wte", "lm_head"], ensure_weight_tying=True)
     assert any(k.startswith(P + "lm_head.lora_A") for k in load_file(str(ad / "adapter_model.safetensors")))
     assert_peft_parity(tmp_path, gpt2, ad, out_name="m3")
 
 
-# -- architectures and config variants (already right; kept as the verified list) ---------------------------------------
+# -- architectures and config variants (already right; kept as the verified list) --------------------------------------
 @pytest.mark.parametrize("arch,kw", [
     ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj", "o_proj", "down_proj"], rank_pattern={"qkv_proj": 8},
                   alpha_pattern={r"layers\.1\..*": 3})),
@@ -249,6 +267,25 @@ def test_architectures_and_config_variants(tmp_path, bases, arch, kw):
         tmp_path, bases(arch, False if arch in ("gemma2",) else None), **kw))
 
 
+@pytest.mark.parametrize("arch,targets,ckpt_name", [
+    ("llava", r".*(language_model.*\.(q_proj|v_proj)|lm_head)", "language_model.model.layers.0.self_attn.q_proj.weight"),
+    ("qwen2_vl", r".*language_model.*\.(q_proj|down_proj)", "model.layers.0.self_attn.q_proj.weight"),
+    ("gpt_neox", ["query_key_value", "lm_head"], "embed_out.weight"),
+])
+def test_transformers5_runtime_names_mapped_to_checkpoint_names(tmp_path, bases, arch, targets, ckpt_name):
+    """Was refused ("base has no model.language_model…"). Adapters trained under transformers 5 name modules as the
+    loaded model does (model.language_model.layers…, lm_head), while checkpoints on disk keep the original layout
+    (Llava: language_model.model.layers…, Qwen2-VL: model.layers…, GPT-NeoX: embed_out); transformers renames on load
+    and back on save, so PEFT never sees it. mergeline maps the names back and writes the checkpoint's names."""
+    base = bases(arch, False if arch == "gpt_neox" else None)
+    ad = make_adapter(tmp_path, base, target_modules=targets)
+    keys = load_file(str(ad / "adapter_model.safetensors"))
+    assert not any(k.startswith(P + ckpt_name.rsplit(".", 1)[0]) for k in keys)  # the adapter uses the other name
+    res = assert_peft_parity(tmp_path, base, ad)
+    assert not torch.equal(res["tensors"][ckpt_name], res["base"][ckpt_name])
+    assert any("runtime module names" in w for w in res["manifest"]["warnings"])
+
+
 def test_moe_target_parameters_refused(tmp_path, bases):
     """transformers 5 fuses MoE experts into 3-D parameters: PEFT's all-linear then sets target_parameters."""
     ad = make_adapter(tmp_path, bases("mixtral"), target_modules="all-linear", perturb_it=False)
@@ -258,7 +295,7 @@ def test_moe_target_parameters_refused(tmp_path, bases):
         LoraAdapter.open(ad)
 
 
-# -- init methods that modify the base at load (PiSSA, OLoRA) ------------------------------------------------------------
+# -- init methods that modify the base at load (PiSSA, OLoRA) ----------------------------------------------------------
 @pytest.mark.parametrize("arch,init,kw", [
     ("llama", "pissa", dict(target_modules=LL + ["embed_tokens"], use_dora=True, rank_pattern={"down_proj": 6})),
     ("llama", "olora", dict(target_modules=["q_proj", "v_proj", "lm_head"], use_rslora=True)),
@@ -362,7 +399,7 @@ def test_low_precision_adapter_on_bf16_base(tmp_path, bases, adapter_dtype):
     assert_peft_parity(tmp_path, base, ad, dtype=torch.bfloat16, tol=None)
 
 
-# -- adapter directories ------------------------------------------------------------------------------------------------
+# -- adapter directories -----------------------------------------------------------------------------------------------
 def test_non_default_adapter_name_subfolder_and_unknown_config_fields(tmp_path, bases):
     """save_pretrained of an adapter named 'other' writes <dir>/other/; pointing at <dir> says which folder to pass.
     Newer PEFT config fields and an Unsloth-style hub id that is not available offline do not matter."""
