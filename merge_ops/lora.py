@@ -30,7 +30,17 @@ Semantics (checked against peft 0.21's ``merge_and_unload``; the tests compare a
 * Full tensors in the adapter file replace base tensors: ``modules_to_save`` copies (``<path>.weight``),
   ``bias="all"/"lora_only"`` biases, and the ``<path>.base_layer.weight`` copies PEFT saves for targeted embedding
   layers. PEFT loads them into the model *before* merging, so when a tensor has both a replacement and a LoRA
-  update the update applies on top of the replacement (see :meth:`LoraAdapter.apply`).
+  update the update applies on top of the replacement (see :meth:`LoraAdapter.apply`). The output keeps the base
+  tensor's dtype (PEFT loads the copy into the base parameter).
+* Tied input/output embeddings (base without ``lm_head.weight``): see :meth:`LoraAdapter._resolve_tied` — LoRA on the
+  head lands on the shared embedding tensor (after the embedding's own update); a ``modules_to_save`` copy of either
+  unties the output (``lm_head.weight`` written, ``tie_word_embeddings: false``), as PEFT's merged model is untied.
+* ``init_lora_weights`` "pissa"/"olora" (adapters not converted with ``path_initial_model_for_weight_conversion``):
+  PEFT's load rebuilds a residual base (SVD / QR of each targeted Linear weight); merged the same way here, on the whole
+  tensor. Randomized or data-dependent inits (``pissa_niter_*``, CorDA, LoftQ) and unknown ones are refused.
+* Adapters trained under transformers 5 may name modules as the loaded model does, not as the checkpoint stores them
+  (``model.language_model.*`` vs ``language_model.model.*``, ``lm_head`` vs GPT-NeoX ``embed_out``):
+  :meth:`LoraAdapter._resolve_renames` maps them back.
 
 Caller contract, per base tensor ``name``::
 
