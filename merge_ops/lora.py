@@ -506,6 +506,11 @@ class LoraAdapter:
                 m.residual_init = _residual_init(config, where)
 
     # -- queries ---------------------------------------------------------------------------------------------------
+    @property
+    def untied_head(self) -> str | None:
+        """The output head tensor check_base added to an untied base (see _resolve_tied), else None."""
+        return self._untied[0] if self._untied else None
+
     def changed_tensors(self) -> set[str]:
         """Base tensor names whose merged value differs from the base (LoRA updates and replacements)."""
         return set(self._targets) | set(self._replacements)

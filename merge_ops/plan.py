@@ -208,6 +208,13 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
             base_slot, nb, sp, _ = slices[-1]
             tensors.append(planner.output(name, name, _whole(base_slot), [_whole(s) for s in nb], sp, 0.0, donor))
         out_layers = out_i
+    out_names = {t.name for t in tensors}
+    for src in opened:
+        head = getattr(getattr(src, "adapter", None), "untied_head", None)
+        if head and head not in out_names:
+            warnings.append(f"model '{src.label}': its adapter unties '{head}' from the input embedding, but the output "
+                            f"follows '{donor_src.label}', which ties them: that '{head}' is not in the output (make "
+                            f"'{src.label}' the base_model / first model to keep it)")
     out_config = _output_config(donor_src, cfg, tensors, out_layers, None if cfg.models is not None else layer_map)
     tok = _tokenizer_source(cfg, opened, index, donor, allow_pickle, download)
     return MergePlan(cfg, method, opened, donor, tensors, out_config, tok, compute, warnings)
