@@ -229,6 +229,18 @@ def test_tied_embeddings_modules_to_save_unties(tmp_path, bases, arch, saved):
     assert any("tie_word_embeddings is set to false" in w for w in res["manifest"]["warnings"])
 
 
+def test_untied_head_in_a_merge_led_by_a_tied_model_warns(tmp_path, bases):
+    """A merge writes the tensors of its base_model / first model: led by the tied base, the head the adapter untied
+    cannot be in the output; the manifest says so (and how to keep it)."""
+    base = bases("llama", True)
+    ad = make_adapter(tmp_path, base, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    res = merge({"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                                      {"model": f"{base}+{ad}", "parameters": {"weight": 0.5}}]},
+                tmp_path / "out")
+    assert "lm_head.weight" not in _tensors(tmp_path / "out")
+    assert any("unties 'lm_head.weight'" in w and "base_model / first model" in w for w in res.warnings)
+
+
 def test_tied_embeddings_ensure_weight_tying(tmp_path, bases):
     """``ensure_weight_tying``: modules_to_save copies stay tied (the head's saved copy loads last and wins). With LoRA
     on embedding + head, PEFT makes the head's LoRA the embedding's (lora_A = Bᵀ, lora_B = Aᵀ); the head's saved
