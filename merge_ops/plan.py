@@ -122,8 +122,6 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         index[r] = len(opened)
         opened.append(src)
     _check_architectures(opened)
-    adapter_notes = [n for src in opened if getattr(src, "adapter", None) is not None
-                     for n in getattr(src.adapter, "notes", [])]
 
     compute = (str(compute_dtype).replace("torch.", "") if compute_dtype is not None else
                ("float64" if cfg.dtype == "float64" else "float32"))
@@ -131,7 +129,7 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
         raise ConfigError(f"compute dtype '{compute}': expected float32 or float64")
     method = method_cls()
     dev = device or CpuDevice()
-    warnings: list[str] = list(adapter_notes)
+    warnings: list[str] = []
     if cfg.models is not None:
         donor = index[cfg.base_model] if cfg.base_model else index[cfg.models[0].model]
         slots_nb = [_Slot(index[m.model], None, m.parameters, m.model) for m in cfg.models]
@@ -208,6 +206,8 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
             base_slot, nb, sp, _ = slices[-1]
             tensors.append(planner.output(name, name, _whole(base_slot), [_whole(s) for s in nb], sp, 0.0, donor))
         out_layers = out_i
+    # what adapters did beyond W + s·B·A (tied embeddings, residual inits, renamed modules) goes first
+    warnings[:0] = [n for src in opened for n in getattr(getattr(src, "adapter", None), "notes", [])]
     out_names = {t.name for t in tensors}
     for src in opened:
         head = getattr(getattr(src, "adapter", None), "untied_head", None)
