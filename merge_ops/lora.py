@@ -88,9 +88,8 @@ _UNSUPPORTED_PARTS = {
 # init_lora_weights values whose adapters merge as plain LoRA: PEFT's load leaves the base weights alone (checked
 # against peft 0.21: loading such an adapter on the original base and merging equals a plain merge).
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-# init_lora_weights values for which PEFT's *load* rewrites each targeted Linear weight into a residual (W - s·B₀A₀ from
-# an SVD / QR of W) before the saved A/B are loaded; merge_and_unload on the original base merges into that residual.
-_RESIDUAL_INITS = ("pissa", "olora")
+# ("pissa" and "olora" are different: PEFT's *load* rewrites each targeted Linear weight into a residual W - s·B₀A₀ from
+# an SVD / QR of W before the saved A/B are loaded, and merge_and_unload merges into that residual; see _residual_init.)
 # transformers >= 5 runtime module names -> checkpoint names (the reverse of the WeightRenaming rules in transformers'
 # conversion_mapping.py that matter for LoRA targets), one family per list; see LoraAdapter._resolve_renames.
 _RUNTIME_RENAMES: tuple[tuple[tuple[str, str], ...], ...] = (
@@ -98,7 +97,6 @@ _RUNTIME_RENAMES: tuple[tuple[tuple[str, str], ...], ...] = (
     ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head.")),
     ((r"^model\.language_model\.", "model."),),  # Qwen2-VL / Qwen2.5-VL text stack
     ((r"^lm_head\.", "embed_out."),),  # GPT-NeoX
-    ((r"\.mlp\.", ".block_sparse_moe."),),  # Mixtral, PhiMoE (non-expert modules under the MoE block)
 )
 # Last module-path component of output heads and input embeddings that transformers ties (tie_word_embeddings).
 _HEAD_NAMES = ("lm_head", "embed_out")
@@ -146,9 +144,8 @@ def _residual_init(config: dict, cfg_path: Path | str) -> str | None:
     if init.startswith("corda") or init == "loftq":
         raise UnsupportedError(
             f"{cfg_path}: init_lora_weights is '{init}': the adapter belongs to a base model modified at init "
-            f"({'CorDA needs its preprocessed covariance data' if init.startswith('corda') else 'LoftQ quantizes it'}"
-            f"); "
-            f"PEFT cannot rebuild it from the original base either. {convert}")
+            + ("(CorDA needs its preprocessed covariance data)" if init.startswith("corda") else "(LoftQ quantizes it)")
+            + f"; PEFT cannot rebuild it from the original base either. {convert}")
     if init in _PLAIN_INITS or init.lower() == "gaussian":
         return None
     raise UnsupportedError(
@@ -261,7 +258,10 @@ class LoraAdapter:
                 f"pass the directory that contains it"
             )
         cfg_path = path / CONFIG_FILE
-        subs = sorted(d for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if not cfg_path.is_file() else []
+        try:
+            subs = sorted(d for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if not cfg_path.is_file() else []
+        except OSError:  # unreadable directory: the messages below say what is missing
+            subs = []
         if subs:
             # PeftModel.save_pretrained of a model with several adapters writes each non-default one to <dir>/<name>
             raise InputError(
@@ -531,8 +531,9 @@ class LoraAdapter:
     def is_row_local(self, name: str) -> bool:
         """Whether :meth:`apply` on a block of rows of ``name`` needs only those rows.
 
-        False only for DoRA whose norm runs down the stored columns (Conv1D and embedding layers): every output
-        row depends on the whole column norm, so the caller must pass the whole tensor.
+        False for DoRA whose norm runs down the stored columns (Conv1D and embedding layers: every output row depends
+        on the whole column norm) and for PiSSA/OLoRA residual inits (an SVD / QR of the whole weight); the caller must
+        then pass the whole tensor.
         """
         for m, what in self._targets.get(name, ()):
             if what == "weight" and m.residual_init:
@@ -545,8 +546,9 @@ class LoraAdapter:
 
     def plain_update(self, name: str) -> tuple[np.ndarray, np.ndarray, float] | None:
         """``(A, B, s)`` (float32 numpy) when base tensor ``name`` gets a plain row-local LoRA update
-        ``W + s·(B @ A)`` — no DoRA, not an embedding, not a Conv1D layout, not a bias — else None. The engine's
-        numpy fast path handles exactly these; everything else goes through :meth:`apply` (torch)."""
+        ``W + s·(B @ A)`` — exactly one update (not a tied head on top of an embedding), no DoRA, not an embedding,
+        not a Conv1D layout, not a bias, no residual init — else None. The engine's numpy fast path handles exactly
+        these; everything else goes through :meth:`apply` (torch)."""
         t = self._targets.get(name)
         if t is None or len(t) != 1:
             return None
@@ -581,7 +583,7 @@ class LoraAdapter:
         transformers 5 renames some modules when it loads a checkpoint and renames them back when it saves
         (``conversion_mapping.py``): a PEFT adapter trained under it names ``model.language_model.layers.0…`` while
         the Llava checkpoint on disk says ``language_model.model.layers.0…`` (Qwen2-VL: ``model.layers.0…``,
-        GPT-NeoX: ``embed_out`` for ``lm_head``, Mixtral: ``block_sparse_moe`` for ``mlp``). PEFT loads the base through
+        GPT-NeoX: ``embed_out`` for ``lm_head``). PEFT loads the base through
         transformers, so it never sees the difference; here the rename is undone with the reverse rules below, one
         family at a time, and only for names the base lacks and the rule turns into a name the base has.
         """
