@@ -298,6 +298,24 @@ def test_transformers5_runtime_names_mapped_to_checkpoint_names(tmp_path, bases,
     assert any("runtime module names" in w for w in res["manifest"]["warnings"])
 
 
+def test_tied_vlm_modules_to_save_unties_the_text_config(tmp_path, bases):
+    """A tied Qwen2-VL (runtime names, tie flag also in text_config) with a modules_to_save copy of lm_head: the output
+    is untied in both config levels, as transformers saves PEFT's merged model."""
+    root = tmp_path / "base"
+    torch.manual_seed(1)
+    cfg = _config("qwen2_vl", None)
+    cfg.tie_word_embeddings = cfg.text_config.tie_word_embeddings = True
+    m = transformers.Qwen2VLForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    m.save_pretrained(str(root))
+    assert not any("lm_head" in k for k in _tensors(root))
+    ad = make_adapter(tmp_path, root, target_modules=r".*language_model.*\.q_proj", modules_to_save=["lm_head"])
+    res = assert_peft_parity(tmp_path, root, ad)
+    assert res["config"]["tie_word_embeddings"] is False and res["config"]["text_config"]["tie_word_embeddings"] is False
+
+
 def test_moe_target_parameters_refused(tmp_path, bases):
     """transformers 5 fuses MoE experts into 3-D parameters: PEFT's all-linear then sets target_parameters."""
     ad = make_adapter(tmp_path, bases("mixtral"), target_modules="all-linear", perturb_it=False)
