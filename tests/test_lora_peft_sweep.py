@@ -212,6 +212,11 @@ def test_tied_embeddings_lora_on_head(tmp_path, bases, arch, targets, kw):
         arch, "model.embed_tokens.weight")
     assert not torch.equal(res["tensors"][emb], res["base"][emb])
     assert any("tied to" in w for w in res["manifest"]["warnings"])
+    adapter = LoraAdapter.open(ad)
+    adapter.check_base(Checkpoint.open(base))
+    assert "lm_head.weight" not in adapter.changed_tensors() and emb in adapter.changed_tensors()
+    # one plain update on the shared tensor keeps the numba fast path; a second (the embedding's) or DoRA does not
+    assert (adapter.plain_update(emb) is not None) == (targets == ["lm_head"])
 
 
 @pytest.mark.parametrize("arch,saved", [("llama", "lm_head"), ("qwen2", "embed_tokens"), ("gpt2", "wte")])
