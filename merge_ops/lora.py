@@ -30,7 +30,17 @@ Semantics (checked against peft 0.21's ``merge_and_unload``; the tests compare a
 * Full tensors in the adapter file replace base tensors: ``modules_to_save`` copies (``<path>.weight``),
   ``bias="all"/"lora_only"`` biases, and the ``<path>.base_layer.weight`` copies PEFT saves for targeted embedding
   layers. PEFT loads them into the model *before* merging, so when a tensor has both a replacement and a LoRA
-  update the update applies on top of the replacement (see :meth:`LoraAdapter.apply`).
+  update the update applies on top of the replacement (see :meth:`LoraAdapter.apply`). The output keeps the base
+  tensor's dtype (PEFT loads the copy into the base parameter).
+* Tied input/output embeddings (base without ``lm_head.weight``): see :meth:`LoraAdapter._resolve_tied` — LoRA on the
+  head lands on the shared embedding tensor (after the embedding's own update); a ``modules_to_save`` copy of either
+  unties the output (``lm_head.weight`` written, ``tie_word_embeddings: false``), as PEFT's merged model is untied.
+* ``init_lora_weights`` "pissa"/"olora" (adapters not converted with ``path_initial_model_for_weight_conversion``):
+  PEFT's load rebuilds a residual base (SVD / QR of each targeted Linear weight); merged the same way here, on the whole
+  tensor. Randomized or data-dependent inits (``pissa_niter_*``, CorDA, LoftQ) and unknown ones are refused.
+* Adapters trained under transformers 5 may name modules as the loaded model does, not as the checkpoint stores them
+  (``model.language_model.*`` vs ``language_model.model.*``, ``lm_head`` vs GPT-NeoX ``embed_out``):
+  :meth:`LoraAdapter._resolve_renames` maps them back.
 
 Caller contract, per base tensor ``name``::
 
@@ -75,6 +85,23 @@ _UNSUPPORTED_PARTS = {
     "trainable_tokens_delta": "trainable_token_indices (TrainableTokens)",
     "original_module": "an unmerged ModulesToSaveWrapper copy",
 }
+# init_lora_weights values whose adapters merge as plain LoRA: PEFT's load leaves the base weights alone (checked
+# against peft 0.21: loading such an adapter on the original base and merging equals a plain merge).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# ("pissa" and "olora" are different: PEFT's *load* rewrites each targeted Linear weight into a residual W - s·B₀A₀ from
+# an SVD / QR of W before the saved A/B are loaded, and merge_and_unload merges into that residual; see _residual_init.)
+# transformers >= 5 runtime module names -> checkpoint names (the reverse of the WeightRenaming rules in transformers'
+# conversion_mapping.py that matter for LoRA targets), one family per list; see LoraAdapter._resolve_renames.
+_RUNTIME_RENAMES: tuple[tuple[tuple[str, str], ...], ...] = (
+    # Llava, Mistral3
+    ((r"^model\.language_model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head.")),
+    ((r"^model\.language_model\.", "model."),),  # Qwen2-VL / Qwen2.5-VL text stack
+    ((r"^lm_head\.", "embed_out."),),  # GPT-NeoX
+)
+# Last module-path component of output heads and input embeddings that transformers ties (tie_word_embeddings).
+_HEAD_NAMES = ("lm_head", "embed_out")
+_EMBED_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "shared")
+DEFAULT_HEAD = "lm_head.weight"  # the output head of every *ForCausalLM model this was checked on
 # LoraConfig fields that change what merging means (or make it impossible); any truthy value is refused.
 _UNSUPPORTED_CONFIG = {
     "trainable_token_indices": "TrainableTokens rows",
@@ -89,6 +116,42 @@ _UNSUPPORTED_CONFIG = {
     "kasa_config": "KaSA",
     "megatron_config": "Megatron parallel layers",
 }
+
+
+def _residual_init(config: dict, cfg_path: Path | str) -> str | None:
+    """``"pissa"``/``"olora"`` when PEFT's load turns the base weights into a residual, None for a plain merge;
+    refuses the init values whose merge PEFT itself cannot reproduce from the original base.
+
+    Why this matters: an adapter saved straight after PiSSA/OLoRA training (not converted with
+    ``save_pretrained(path_initial_model_for_weight_conversion=...)``) only makes sense on top of the residual base.
+    PEFT's ``from_pretrained`` recomputes that residual from the original base (deterministic SVD / QR) and then
+    merges; a plain ``W + s·B·A`` would be off by the principal components PEFT subtracted.
+    """
+    init = config.get("init_lora_weights", True)
+    if init is None or isinstance(init, bool):
+        return None
+    if not isinstance(init, str):
+        raise InputError(f"{cfg_path}: 'init_lora_weights' is {init!r}; expected true/false or a PEFT init name")
+    convert = ("Save the adapter with PeftModel.save_pretrained(..., path_initial_model_for_weight_conversion="
+               "<the untrained adapter directory>) (it becomes a plain LoRA on the original base), or merge with "
+               "PEFT on the exact base it was trained on")
+    if init == "pissa" or init.lower() == "olora":
+        return init.lower()
+    if init.startswith("pissa"):
+        raise UnsupportedError(
+            f"{cfg_path}: init_lora_weights is '{init}': PEFT rebuilds the residual base with a randomized SVD on "
+            f"every load, so even PEFT's own merge differs run to run and cannot be reproduced. {convert}")
+    if init.startswith("corda") or init == "loftq":
+        raise UnsupportedError(
+            f"{cfg_path}: init_lora_weights is '{init}': the adapter belongs to a base model modified at init "
+            + ("(CorDA needs its preprocessed covariance data)" if init.startswith("corda") else "(LoftQ quantizes it)")
+            + f"; PEFT cannot rebuild it from the original base either. {convert}")
+    if init in _PLAIN_INITS or init.lower() == "gaussian":
+        return None
+    raise UnsupportedError(
+        f"{cfg_path}: init_lora_weights is '{init}', which mergeline does not know; if that init may have modified "
+        f"the base weights the merge would be wrong. If it did not (plain A/B initialisation), set "
+        f"\"init_lora_weights\": true in adapter_config.json")
 
 
 def _match_pattern(patterns: dict[str, Any], module_path: str, where: str) -> Any | None:
@@ -120,6 +183,8 @@ class _Module:
     keys: dict[str, str] = field(default_factory=dict)  # kind -> adapter key (for messages)
     scale: float = 0.0
     conv1d: bool | None = None  # stored weight is [in, out] (GPT-2 Conv1D); None until known
+    residual_init: str | None = None  # "pissa" / "olora": PEFT rebuilds a residual base weight at load (Linear only)
+    base_dtype: str | None = None  # safetensors dtype of the base tensor (the residual is rounded to it, as in PEFT)
     _cache: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     @property
@@ -160,12 +225,26 @@ class LoraAdapter:
         self._replacements = replacements
         self._tmpdir = tmpdir  # keeps the converted pickle alive as long as the adapter
         self._source_file = source_file or weight_file  # the file the user gave (the .bin when converted)
-        # base tensor name -> (module, "weight" | "bias")
-        self._targets: dict[str, tuple[_Module, str]] = {}
+        # base tensor name -> [(module, "weight" | "bias")], in PEFT's merge order. Usually one module per tensor;
+        # with tied input/output embeddings the embedding's and the output head's updates both land on the one
+        # stored tensor (see _resolve_tied).
+        self._targets: dict[str, list[tuple[_Module, str]]] = {}
         for m in modules.values():
-            self._targets[f"{m.path}.weight"] = (m, "weight")
+            self._targets[f"{m.path}.weight"] = [(m, "weight")]
             if m.bias is not None:
-                self._targets[f"{m.path}.bias"] = (m, "bias")
+                self._targets[f"{m.path}.bias"] = [(m, "bias")]
+        #: how check_base treated tied embeddings: None, "tied" (updates folded into the shared tensor) or
+        #: "untied" (the output head written as its own tensor, tie_word_embeddings set false)
+        self.tying: str | None = None
+        self._untied: tuple[str, str] | None = None  # (head, embedding) when "untied"
+        self.notes: list[str] = []  # things the caller should report (the manifest's warnings)
+        residual = sorted({m.residual_init for m in modules.values() if m.residual_init})
+        if residual:
+            self.notes.append(
+                f"adapter {path}: init_lora_weights '{residual[0]}': merged into the residual base PEFT rebuilds at "
+                f"load ({'an SVD' if residual[0] == 'pissa' else 'a QR'} of each targeted weight, whole tensors: slow "
+                f"on large models); save the adapter with path_initial_model_for_weight_conversion to merge it as "
+                f"plain LoRA")
 
     # -- opening ---------------------------------------------------------------------------------------------------
     @classmethod
@@ -179,6 +258,17 @@ class LoraAdapter:
                 f"pass the directory that contains it"
             )
         cfg_path = path / CONFIG_FILE
+        try:
+            subs = sorted(d for d in path.iterdir() if (d / CONFIG_FILE).is_file()) if not cfg_path.is_file() else []
+        except OSError:  # unreadable directory: the messages below say what is missing
+            subs = []
+        if subs:
+            # PeftModel.save_pretrained of a model with several adapters writes each non-default one to <dir>/<name>
+            raise InputError(
+                f"adapter {path}: no {CONFIG_FILE} here, but its subfolders hold adapters (PEFT saves each "
+                f"non-default adapter of a multi-adapter model in its own subfolder); pass one of: "
+                + ", ".join(str(d) for d in subs)
+            )
         if not cfg_path.is_file():
             raise InputError(
                 f"adapter {path}: {CONFIG_FILE} is missing; a PEFT adapter directory needs it (it holds lora_alpha, "
@@ -230,9 +320,17 @@ class LoraAdapter:
             )
         for key, what in _UNSUPPORTED_CONFIG.items():
             if config.get(key):
+                detail, todo = "", ""
+                if key == "target_parameters":
+                    # transformers 5 stores MoE experts as fused 3-D parameters; PEFT's "all-linear" (and names like
+                    # "gate" for a router) then become target_parameters, folded into fused tensors that checkpoints
+                    # store per expert under other names
+                    detail = (f": {config.get(key)!r}; with transformers 5, target_modules='all-linear' on a mixture-"
+                              f"of-experts model targets the fused expert/router parameters this way")
+                    todo = "Train with explicit target_modules that leave out the experts and the router, or merge"
                 raise UnsupportedError(
-                    f"{cfg_path}: '{key}' is set ({what}); mergeline cannot fold that into base weights. Merge with "
-                    f"PEFT's merge_and_unload and pass the merged model instead"
+                    f"{cfg_path}: '{key}' is set ({what}{detail}); mergeline cannot fold that into base weights. "
+                    + (todo or "Merge") + " with PEFT's merge_and_unload and pass the merged model instead"
                 )
         for key in ("rank_pattern", "alpha_pattern"):
             if config.get(key) is not None and not isinstance(config.get(key), dict):
@@ -243,6 +341,7 @@ class LoraAdapter:
         for key in ("lora_alpha", "r"):
             if key in config and not isinstance(config[key], (int, float)):
                 raise InputError(f"{cfg_path}: '{key}' must be a number, got {config[key]!r}")
+        _residual_init(config, cfg_path)
 
     @classmethod
     def _parse_keys(cls, infos: dict[str, TensorInfo], path: Path, weight_file: Path,
@@ -430,8 +529,15 @@ class LoraAdapter:
                                  f"(check lora_alpha / alpha_pattern in adapter_config.json)")
             r = m.rank
             m.scale = alpha / math.sqrt(r) if rslora else alpha / r
+            if not m.embedding:  # PEFT's Embedding layers ignore pissa/olora (plain init)
+                m.residual_init = _residual_init(config, where)
 
     # -- queries ---------------------------------------------------------------------------------------------------
+    @property
+    def untied_head(self) -> str | None:
+        """The output head tensor check_base added to an untied base (see _resolve_tied), else None."""
+        return self._untied[0] if self._untied else None
+
     def changed_tensors(self) -> set[str]:
         """Base tensor names whose merged value differs from the base (LoRA updates and replacements)."""
         return set(self._targets) | set(self._replacements)
@@ -445,35 +551,36 @@ class LoraAdapter:
         return self._replacements.get(name)
 
     def scale(self, name: str) -> float | None:
-        """PEFT's ``scaling`` for the module behind base tensor ``name`` (None if it has no LoRA update)."""
+        """PEFT's ``scaling`` for the (first) module behind base tensor ``name`` (None if it has no LoRA update)."""
         t = self._targets.get(name)
-        return t[0].scale if t else None
+        return t[0][0].scale if t else None
 
     def is_row_local(self, name: str) -> bool:
         """Whether :meth:`apply` on a block of rows of ``name`` needs only those rows.
 
-        False only for DoRA whose norm runs down the stored columns (Conv1D and embedding layers): every output
-        row depends on the whole column norm, so the caller must pass the whole tensor.
+        False for DoRA whose norm runs down the stored columns (Conv1D and embedding layers: every output row depends
+        on the whole column norm) and for PiSSA/OLoRA residual inits (an SVD / QR of the whole weight); the caller must
+        then pass the whole tensor.
         """
-        t = self._targets.get(name)
-        if t is None:
-            return True
-        m, what = t
-        if what == "bias" or m.magnitude is None:
-            return True
-        if m.embedding:
-            return False
-        return not self._conv1d(m, None)
+        for m, what in self._targets.get(name, ()):
+            if what == "weight" and m.residual_init:
+                return False  # the SVD / QR needs the whole weight
+            if what == "bias" or m.magnitude is None:
+                continue
+            if m.embedding or self._conv1d(m, None):
+                return False
+        return True
 
     def plain_update(self, name: str) -> tuple[np.ndarray, np.ndarray, float] | None:
         """``(A, B, s)`` (float32 numpy) when base tensor ``name`` gets a plain row-local LoRA update
-        ``W + s·(B @ A)`` — no DoRA, not an embedding, not a Conv1D layout, not a bias — else None. The engine's
-        numpy fast path handles exactly these; everything else goes through :meth:`apply` (torch)."""
+        ``W + s·(B @ A)`` — exactly one update (not a tied head on top of an embedding), no DoRA, not an embedding,
+        not a Conv1D layout, not a bias, no residual init — else None. The engine's numpy fast path handles exactly
+        these; everything else goes through :meth:`apply` (torch)."""
         t = self._targets.get(name)
-        if t is None:
+        if t is None or len(t) != 1:
             return None
-        m, what = t
-        if what == "bias" or m.magnitude is not None or m.embedding or self._conv1d(m, None):
+        m, what = t[0]
+        if what == "bias" or m.magnitude is not None or m.embedding or m.residual_init or self._conv1d(m, None):
             return None
         return m.A, m.B, m.scale
 
@@ -497,6 +604,149 @@ class LoraAdapter:
             return m.conv1d
         return bool(self.config.get("fan_in_fan_out"))
 
+    def _resolve_renames(self, base: "Checkpoint") -> None:
+        """Map adapter module paths written with transformers ≥ 5 *runtime* names onto the checkpoint's names.
+
+        transformers 5 renames some modules when it loads a checkpoint and renames them back when it saves
+        (``conversion_mapping.py``): a PEFT adapter trained under it names ``model.language_model.layers.0…`` while
+        the Llava checkpoint on disk says ``language_model.model.layers.0…`` (Qwen2-VL: ``model.layers.0…``,
+        GPT-NeoX: ``embed_out`` for ``lm_head``). PEFT loads the base through
+        transformers, so it never sees the difference; here the rename is undone with the reverse rules below, one
+        family at a time, and only for names the base lacks and the rule turns into a name the base has.
+        """
+        names = sorted((set(self._targets) | set(self._replacements)) - set(base.tensors))
+        if not names:
+            return
+        best: dict[str, str] = {}
+        for rules in _RUNTIME_RENAMES:
+            mapping = {}
+            for n in names:
+                for rx, repl in rules:
+                    new = re.sub(rx, repl, n, count=1)
+                    if new != n and new in base.tensors:
+                        mapping[n] = new
+                        break
+            if len(mapping) > len(best):
+                best = mapping
+        for old, new in best.items():
+            if new in self._targets or new in self._replacements:
+                raise InputError(
+                    f"{self._who()}: adapter tensors for both '{old}' and '{new}' (two names of one base tensor, "
+                    f"'{new}' in {base.path}); the adapter file is inconsistent")
+        for old, new in best.items():
+            if old in self._targets:
+                self._targets[new] = self._targets.pop(old)
+            if old in self._replacements:
+                self._replacements[new] = self._replacements.pop(old)
+        if best:
+            sample = next(iter(best.items()))
+            self.notes.append(
+                f"adapter {self.path}: the names of {len(best)} base tensors follow transformers' runtime module "
+                f"names, mapped to the checkpoint's (e.g. '{sample[0]}' → '{sample[1]}')")
+
+    def _ties_copies(self) -> bool:
+        """Whether PEFT keeps tied modules_to_save copies tied: ``ensure_weight_tying`` works only when one of the
+        saved modules is named like PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``/``lm_head``; not GPT-2's
+        ``wte``, for example)."""
+        mts = self.config.get("modules_to_save") or []
+        return bool(self.config.get("ensure_weight_tying")) and any(
+            str(x).split(".")[-1] in ("embed_tokens", "lm_head") for x in mts)
+
+    def _ties_targets(self) -> bool:
+        """Whether PEFT (``ensure_weight_tying``) re-creates a tied LoRA on the output head at load: only when
+        ``target_modules`` names an embedding the way PEFT recognises it (last component ``embed_tokens``/``lm_head``;
+        the saved config lists the embedding only)."""
+        tm = self.config.get("target_modules")
+        names = ("embed_tokens", "lm_head")
+        if isinstance(tm, str):
+            return any(re.fullmatch(tm, n) for n in names)
+        return any(str(x).split(".")[-1] in names for x in (tm or []))
+
+    def _resolve_tied(self, base: "Checkpoint") -> None:
+        """Reproduce what PEFT does with tied input/output embeddings (``tie_word_embeddings``).
+
+        A tied base stores one tensor (e.g. ``model.embed_tokens.weight``) and no ``lm_head.weight``; in the model
+        both modules hold the *same* Parameter. PEFT then behaves as follows (checked against peft 0.21):
+
+        * LoRA on ``lm_head`` (and/or the embedding): every merge writes into the shared Parameter, so the
+          embedding's update and then the head's land on the one stored tensor (the model stays tied). A saved
+          ``lm_head.base_layer.weight`` copy is loaded into it after the embedding's copy, so the head's wins.
+        * ``modules_to_save`` on ``lm_head`` or the embedding (without ``ensure_weight_tying``): the trained copy
+          replaces one module only, so the merged model is *untied* — the other keeps the base weight, and
+          transformers saves such a model with both tensors and ``tie_word_embeddings: false``. Here: the head is
+          added as its own output tensor (the base embedding's bytes, or the adapter's copy) and the output
+          config says ``tie_word_embeddings: false``.
+        * ``modules_to_save`` with ``ensure_weight_tying``: both copies are saved and loaded into one Parameter
+          (the head's last): stays tied.
+        """
+        conf = base.config if isinstance(base.config, dict) else {}
+        text_conf = conf.get("text_config") if isinstance(conf.get("text_config"), dict) else {}
+
+        def untie(head: str, emb: str) -> None:
+            base.tensors[head] = base.tensors[emb]  # the head starts from the base embedding's bytes
+            for c in (conf, text_conf):
+                if "tie_word_embeddings" in c or c is conf:
+                    c["tie_word_embeddings"] = False
+
+        if self.tying is not None:  # settled by an earlier check_base: only redo what it did to the base
+            if self._untied is not None and self._untied[0] not in base.tensors and self._untied[1] in base.tensors:
+                untie(*self._untied)
+            return
+        tie = conf.get("tie_word_embeddings", text_conf.get("tie_word_embeddings", True))
+        if tie is False:
+            return
+        touched = {n for n in self._targets if n.endswith(".weight")} | set(self._replacements)
+        heads = sorted(n for n in touched if n not in base.tensors and len(n.split(".")) >= 2
+                       and n.split(".")[-2] in _HEAD_NAMES)
+        copies = {n for n, info in self._replacements.items() if ".base_layer." not in info.name}
+        embeds = [n for n in base.tensors if n.endswith(".weight") and len(n.split(".")) >= 2
+                  and n.split(".")[-2] in _EMBED_NAMES and len(base.tensors[n].shape) == 2]
+        if not heads:
+            # only the embedding is touched: a modules_to_save copy of it unties the model (the head keeps the base
+            # weight); LoRA on it changes the shared tensor, which a tied reload reproduces by itself
+            emb_copies = [n for n in embeds if n in copies]
+            if len(emb_copies) == 1 and DEFAULT_HEAD not in base.tensors and not self._ties_copies():
+                heads = [DEFAULT_HEAD]
+            else:
+                return
+        for head in heads:
+            shape = self._replacements[head].shape if head in self._replacements else None
+            if shape is None:
+                m = next((m for m, w in self._targets.get(head, ()) if w == "weight"), None)
+                shape = (m.out_features, m.in_features) if m is not None else None
+            cands = [n for n in embeds if shape is None or tuple(base.tensors[n].shape) == tuple(shape)]
+            if len(cands) != 1:
+                return  # cannot tell which tensor the head is tied to: check_base reports the missing tensor
+            emb = cands[0]
+            if (head in copies or emb in copies) and not self._ties_copies():
+                untie(head, emb)
+                self._untied = (head, emb)
+                self.tying = "untied"
+                self.notes.append(
+                    f"adapter {self.path}: modules_to_save on '{head if head in copies else emb}' of a model with tied "
+                    f"embeddings: as in PEFT's merge the output embedding and '{head}' differ, so '{head}' is written "
+                    f"as its own tensor and tie_word_embeddings is set to false")
+            else:
+                # PEFT merges into the shared Parameter: the head's update follows the embedding's on one tensor
+                head_mods = self._targets.pop(head, [])
+                emb_mod = next((m for m, w in self._targets.get(emb, ()) if m.embedding), None)
+                if self.config.get("ensure_weight_tying") and emb_mod is not None and head_mods:
+                    if self._ties_targets():
+                        # the head's LoRA *is* the embedding's (lora_A = Bᵀ, lora_B = Aᵀ, one storage); the head's
+                        # keys load last, so their values win for both, and PEFT merges both: the update lands twice
+                        hm = head_mods[0][0]
+                        emb_mod.A, emb_mod.B = np.ascontiguousarray(hm.B.T), np.ascontiguousarray(hm.A.T)
+                        emb_mod._cache.clear()
+                    else:
+                        head_mods = []  # PEFT does not recreate the head's LoRA at load: its saved keys are unused
+                self._targets.setdefault(emb, []).extend(head_mods)
+                if head in self._replacements:
+                    self._replacements[emb] = self._replacements.pop(head)
+                self.tying = "tied"
+                self.notes.append(
+                    f"adapter {self.path}: '{head}' is tied to '{emb}' in the base model; as in PEFT's merge, its "
+                    f"update is applied to the shared tensor '{emb}' (so the input embedding changes too)")
+
     def check_base(self, base: "Checkpoint") -> None:
         """Raise InputError unless every tensor this adapter touches exists in ``base`` with a fitting shape.
 
@@ -505,6 +755,8 @@ class LoraAdapter:
         tensor is written, beats a shape error (or a silently wrong merge for square weights) half-way through.
         """
         who = self._who()
+        self._resolve_renames(base)
+        self._resolve_tied(base)
         for name, info in sorted(self._replacements.items()):
             b = base.tensors.get(name)
             if b is None:
@@ -521,7 +773,8 @@ class LoraAdapter:
                 )
         # first pass: layouts known from non-square shapes
         decided: list[_Module] = []
-        for name, (m, what) in sorted(self._targets.items()):
+        for name, m, what in sorted(((n, m, w) for n, mods in self._targets.items() for m, w in mods),
+                                    key=lambda x: (x[0], x[1].path)):
             b = base.tensors.get(name)
             if b is None:
                 raise InputError(
@@ -533,6 +786,8 @@ class LoraAdapter:
                 )
             if not b.is_float:
                 raise InputError(f"{who}: base tensor '{name}' in {base.path} has dtype {b.dtype}; LoRA needs floats")
+            if what == "weight":
+                m.base_dtype = b.dtype
             if what == "bias":
                 if tuple(b.shape) != (m.out_features,):
                     raise InputError(
@@ -558,8 +813,20 @@ class LoraAdapter:
             if not m.embedding and m.out_features != m.in_features:
                 m.conv1d = shape == (m.in_features, m.out_features)
                 decided.append(m)
+                if m.conv1d and m.residual_init == "olora":
+                    raise UnsupportedError(
+                        f"{who}: init_lora_weights 'olora' on the Conv1D (fan_in_fan_out) module '{m.path}': PEFT's "
+                        f"OLoRA init factors the stored [in, out] weight, which does not fit the saved lora_A/lora_B "
+                        f"(PEFT cannot load this adapter either). Convert it with path_initial_model_for_weight_"
+                        f"conversion or merge with PEFT on the base it was trained on")
         # second pass: square weights. PEFT picks the layout from the module class; the shape cannot tell, so use
         # fan_in_fan_out, or Conv1D when the adapter's other (non-square) targets show the model uses Conv1D.
+        # PEFT builds the PiSSA/OLoRA residual at load and then loads the saved state dict: a saved base_layer copy
+        # of the module (lm_head, embeddings) overwrites the residual, so that module merges as plain LoRA on the copy
+        for name, mods in self._targets.items():
+            if name in self._replacements:
+                for m, _ in mods:
+                    m.residual_init = None
         any_conv = any(m.conv1d for m in decided)
         for m in self._modules.values():
             if not m.embedding and m.out_features == m.in_features:
@@ -577,7 +844,32 @@ class LoraAdapter:
         t = self._targets.get(name)
         if t is None:
             return weight
-        m, what = t
+        for m, what in t:  # several only for tied embeddings: in PEFT's merge order (embedding, then head)
+            weight = self._apply_one(name, m, what, weight, row_start)
+        return weight
+
+    @staticmethod
+    def _residual(m: _Module, weight: torch.Tensor, conv: bool) -> torch.Tensor:
+        """The base weight PEFT's load leaves behind for PiSSA / OLoRA adapters, computed with PEFT's own operations
+        (``pissa_init`` / ``olora_init``) in float32, then rounded to the base tensor's dtype as PEFT stores it."""
+        w = weight.to(torch.float32)
+        r, s = m.rank, m.scale
+        if m.residual_init == "pissa":
+            w = w.T if conv else w  # PEFT transposes fan_in_fan_out (Conv1D) weights to [out, in] first
+            V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+            Vr, Sr, Uhr = V[:, :r], S[:r] / s, Uh[:r]
+            lora_A = torch.diag(torch.sqrt(Sr)) @ Uhr
+            lora_B = Vr @ torch.diag(torch.sqrt(Sr))
+            res = w - s * lora_B @ lora_A
+            res = res.T if conv else res
+        else:  # olora: a QR of the stored weight, as PEFT does it (no fan_in_fan_out handling)
+            Q, R = torch.linalg.qr(w)
+            res = w - s * Q[:, :r].contiguous() @ R[:r].contiguous()
+        if m.base_dtype in ("BF16", "F16"):
+            res = res.to(torch.bfloat16 if m.base_dtype == "BF16" else torch.float16).to(torch.float32)
+        return res.to(weight.dtype).contiguous()
+
+    def _apply_one(self, name: str, m: _Module, what: str, weight: torch.Tensor, row_start: int) -> torch.Tensor:
         if not weight.is_floating_point():
             raise TypeError(f"internal: apply('{name}') needs floating-point rows, got {weight.dtype}")
         A, B, mag, bias = m.on(weight.device, weight.dtype)
@@ -601,6 +893,11 @@ class LoraAdapter:
                 f"internal: apply('{name}'): got rows {row_start}..{row_start + n} of shape {list(weight.shape)}, "
                 f"but the adapter module '{m.path}' updates a [{full_rows}, {row_dim}] tensor (check_base not called?)"
             )
+        if m.residual_init:
+            if n != full_rows:
+                raise ValueError(f"internal: apply('{name}'): {m.residual_init} init needs the whole tensor "
+                                 f"(is_row_local is False), got rows {row_start}..{row_start + n} of {full_rows}")
+            weight = self._residual(m, weight, conv)
         if mag is None and not (m.embedding or conv) and weight.is_contiguous():
             # plain LoRA: one BLAS call, W += s·(B @ A) in place (no delta temporary, no extra passes)
             return weight.addmm_(B[rows], A, alpha=s)

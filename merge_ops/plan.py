@@ -212,6 +212,15 @@ def build_plan(cfg: MergeConfig, *, allow_pickle: bool = False, download: bool =
             base_slot, nb, sp, _ = slices[-1]
             tensors.append(planner.output(name, name, _whole(base_slot), [_whole(s) for s in nb], sp, 0.0, donor))
         out_layers = out_i
+    # what adapters did beyond W + s·B·A (tied embeddings, residual inits, renamed modules) goes first
+    warnings[:0] = [n for src in opened for n in getattr(getattr(src, "adapter", None), "notes", [])]
+    out_names = {t.name for t in tensors}
+    for src in opened:
+        head = getattr(getattr(src, "adapter", None), "untied_head", None)
+        if head and head not in out_names:
+            warnings.append(f"model '{src.label}': its adapter unties '{head}' from the input embedding, but the output "
+                            f"follows '{donor_src.label}', which ties them: that '{head}' is not in the output (make "
+                            f"'{src.label}' the base_model / first model to keep it)")
     out_config = _output_config(donor_src, cfg, tensors, out_layers, None if cfg.models is not None else layer_map)
     tok = _tokenizer_source(cfg, opened, index, donor, allow_pickle, download)
     return MergePlan(cfg, method, opened, donor, tensors, out_config, tok, compute, warnings)
@@ -238,7 +247,11 @@ class _Planner:
         lead_src = self.sources[lead]
         info = lead_src.info(name)
         shape = info.shape
-        out_dtype = DTYPE_TO_ST[cfg.out_dtype or cfg.dtype] if (cfg.out_dtype or cfg.dtype) else info.dtype
+        # an adapter's full copy of a tensor (modules_to_save, base_layer) is loaded into the base parameter by PEFT,
+        # so the output keeps the base tensor's dtype, not the copy's
+        own = lead_src.checkpoint.tensors.get(name, info)
+        out_dtype = DTYPE_TO_ST[cfg.out_dtype or cfg.dtype] if (cfg.out_dtype or cfg.dtype) else (
+            own.dtype if own.is_float else info.dtype)
         if not info.is_float:
             return OutputTensor(out_name, shape, info.dtype, None, [], None, copy_from=InputRef(lead, name))
 
