@@ -741,3 +741,32 @@ class FusedLinear:
         w[:m] = self.weights
         a = list(models) + [models[0]] * (4 - m)
         linear_apply4(a[0], a[1], a[2], a[3], m, w, self.divisor, d16, d32, write_bf16)
+
+
+def warm_up_hiding_scipy() -> None:
+    """Load numba's compiler registries (the first jitted call does this) with ``scipy.linalg`` hidden.
+
+    Why: on its first compile or cache load numba imports ``numba.np.arraymath``, which imports all of
+    ``scipy.linalg`` (0.36 s here) only to learn whether ``np.dot`` inside jitted code may call BLAS. None of
+    mergeline's kernels does (the LoRA product runs in numpy's BLAS, outside numba), so a short-lived CLI process skips
+    that import; the finder is removed again before this returns, so scipy stays importable. Library callers (the
+    Dagster assets, long-lived processes) do not call this and keep numba's defaults."""
+    import importlib.abc
+    import sys
+
+    if not HAVE_NUMBA or "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+
+    class _HideScipyLinalg(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "scipy.linalg" or name.startswith("scipy.linalg."):
+                raise ImportError(f"{name} hidden while numba loads its registries")
+            return None
+
+    finder = _HideScipyLinalg()
+    sys.meta_path.insert(0, finder)
+    try:
+        src = np.zeros(16, dtype=np.uint16)
+        bf16_to_f32(src, np.empty(16, dtype=np.float32))
+    finally:
+        sys.meta_path.remove(finder)
