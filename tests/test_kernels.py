@@ -74,6 +74,23 @@ def test_fused_equals_torch(wide_family, tmp_path, case, streamed):
             assert torch.equal(fused[k], ref[k]), (k, (fused[k].float() - ref[k].float()).abs().max())
 
 
+@pytest.mark.parametrize("n_models,normalize", [(3, True), (2, False), (6, True)], ids=["3-norm", "2-nonorm", "6-norm"])
+def test_fused_linear_equals_torch(wide_family, tmp_path, n_models, normalize):
+    """The fused linear kernels (≤ 4 inputs: one register pass; more: the tile kernel) and the torch path both use
+    MergeKit's order — first product rounded, later ones fused in (FMA), one division by the float32 weight sum — so
+    they agree bit for bit."""
+    base, fts, coarse = wide_family
+    pool = [base, *fts, coarse]
+    models = [pool[i % len(pool)] for i in range(n_models)]
+    weights = [0.7, -0.2, 0.45, 0.3, 0.11, 0.9][:n_models]
+    cfg = {"merge_method": "linear", "parameters": {"normalize": normalize},
+           "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
+    fused, ref = both_paths(cfg, tmp_path, f"linear{n_models}", MergeOptions(device="cpu"))
+    assert set(fused) == set(ref)
+    for k in ref:
+        assert torch.equal(fused[k], ref[k]), (k, (fused[k].float() - ref[k].float()).abs().max())
+
+
 def test_fused_path_is_actually_used(wide_family, monkeypatch):
     base, fts, _ = wide_family
     calls = []
