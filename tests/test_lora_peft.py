@@ -20,6 +20,7 @@ from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import InputError, UnsupportedError
 from merge_ops.lora import LoraAdapter
 from merge_ops.safetensors_io import read_rows
+from tests.adapter_noise import perturb_adapter
 from tests.tiny_models import save_tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -66,22 +67,6 @@ def _model_cls(base: Path):
 
     arch = json.loads((base / "config.json").read_text())["architectures"][0]
     return {"LlamaForCausalLM": LlamaForCausalLM, "GPT2LMHeadModel": GPT2LMHeadModel}[arch]
-
-
-def perturb_adapter(adapter_dir: Path, seed: int = 0) -> None:
-    """Add seeded noise to every saved tensor: B/magnitude/bias/replacements then differ from any init value."""
-    f = adapter_dir / "adapter_model.safetensors"
-    sd = load_file(str(f))
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k in sorted(sd):
-        v = sd[k].float()
-        noise = torch.randn(v.shape, generator=g)
-        if "lora_magnitude_vector" in k:
-            out[k] = (v * (1 + 0.1 * noise)).contiguous()  # stays positive
-        else:
-            out[k] = (v + 0.1 * (v.abs().mean() + 1e-2) * noise).contiguous()
-    save_file(out, str(f), metadata={"format": "pt"})
 
 
 def make_adapter(tmp_path: Path, base: Path, name: str = "adapter", perturb: bool = True, **lora_kw) -> Path:

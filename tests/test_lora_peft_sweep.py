@@ -30,6 +30,7 @@ from merge_ops.api import merge, merge_lora
 from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import InputError, UnsupportedError
 from merge_ops.lora import LoraAdapter
+from tests.adapter_noise import perturb_adapter
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -117,20 +118,8 @@ def bases(tmp_path_factory):
 
 
 def perturb(adapter_dir: Path, seed: int = 0) -> None:
-    """Seeded noise on every saved tensor (keeps its dtype): nothing can equal an init value or the base."""
-    f = adapter_dir / "adapter_model.safetensors"
-    sd = load_file(str(f))
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k in sorted(sd):
-        v = sd[k].float()
-        noise = torch.randn(v.shape, generator=g)
-        if "lora_magnitude_vector" in k:
-            v = v * (1 + 0.1 * noise)
-        else:
-            v = v + 0.1 * (v.abs().mean() + 1e-2) * noise
-        out[k] = v.to(sd[k].dtype).contiguous()
-    save_file(out, str(f), metadata={"format": "pt"})
+    """Seeded noise on every saved tensor, each kept in its dtype: nothing can equal an init value or the base."""
+    perturb_adapter(adapter_dir, seed, keep_dtype=True)
 
 
 def make_adapter(tmp_path: Path, base: Path, name: str = "adapter", *, init=False, perturb_it: bool = True,

@@ -20,6 +20,8 @@ import merge_ops.topk as topk_mod
 from merge_ops.api import MergeOptions, merge
 from merge_ops.errors import ConfigError, InputError
 from tests import oracle
+from tests.merge_helpers import check_all
+from tests.merge_helpers import models_cfg as cfg_of
 from tests.tiny_models import load_state, save_tiny_llama, save_variant
 
 NUM_LAYERS = 3
@@ -83,20 +85,6 @@ def run(cfg: dict, root: Path, **opts) -> dict[str, torch.Tensor]:
     out = root / f"out{_counter[0]}"
     merge(cfg, out, MergeOptions(device="cpu", hash_inputs=False, copy_tokenizer=False, **opts))
     return load_state(out)
-
-
-def cfg_of(method: str, base: Path | None, entries: list[tuple[Path, dict]], **top) -> dict:
-    cfg = {"merge_method": method, "models": [{"model": str(p), "parameters": dict(prm)} for p, prm in entries]}
-    if base is not None:
-        cfg["base_model"] = str(base)
-    cfg.update(top)
-    return cfg
-
-
-def check_all(out: dict[str, torch.Tensor], names, expected, **tol) -> None:
-    assert sorted(out) == sorted(names), f"tensor names differ: {sorted(set(out) ^ set(names))}"
-    for name in sorted(names):
-        oracle.assert_matches(out[name], expected(name), name, **tol)
 
 
 def assert_nothing_written(root: Path) -> None:

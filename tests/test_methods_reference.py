@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from merge_ops.api import MergeOptions, merge, plan_merge
 from merge_ops.errors import ConfigError
 from tests import oracle
+from tests.merge_helpers import check_all, models_cfg
 from tests.tiny_models import load_state, save_tiny_llama, save_variant
 
 NUM_LAYERS = 4
@@ -112,21 +113,6 @@ def run(cfg: dict, out_root: Path, **opts) -> tuple[dict[str, torch.Tensor], Pat
 
 
 CHUNKED = dict(chunk_elements=64, cache_bytes=0)
-
-
-def models_cfg(method: str, base: Path | None, entries: list[tuple[Path, dict]], **top) -> dict:
-    cfg = {"merge_method": method, "models": [{"model": str(p), "parameters": dict(prm)} for p, prm in entries]}
-    if base is not None:
-        cfg["base_model"] = str(base)
-    cfg.update(top)
-    return cfg
-
-
-def check_all(out: dict[str, torch.Tensor], names, expected, **tol) -> None:
-    """Every output tensor against ``expected(name)`` (float64); the output holds exactly ``names``."""
-    assert sorted(out) == sorted(names), f"tensor names differ: {sorted(set(out) ^ set(names))}"
-    for name in sorted(names):
-        oracle.assert_matches(out[name], expected(name), name, **tol)
 
 
 def t_of(name: str) -> float:
