@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The engine's CUDA checks, as one short run on a GPU machine (the `device` tool of a session that is lent one):
+#
+#     run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#
+# The GPU image has torch, numba, numpy, safetensors, transformers, peft, pyyaml, threadpoolctl and pytest, but not
+# pydantic: carry its wheels for Python 3.12 in .whl/ (git-ignored), made here with
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection
+# Runs tests/test_cuda.py (every MergeKit parity case on cuda vs MergeKit's stored output and vs cpu, streamed = whole
+# on cuda, LoRA on cuda vs PEFT, auto → cuda). Logs land in $OUT (the device tool's output folder) or /tmp/gpu-check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH="/tmp/site:$PWD"
+else
+    export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import torch, numba, numpy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numba', numba.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/test_cuda.log"
+exit "${PIPESTATUS[0]}"
