@@ -24,4 +24,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, numba, numpy; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numba', numba.__version__, 'numpy', numpy.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 python3 -m pytest tests/test_cuda.py -q -s -p no:cacheprovider -o addopts="-ra" 2>&1 | tee "$OUT/test_cuda.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+
+# Then the 0.5 B benchmark of bench/run_bench.py on this machine: cuda vs cpu, same inputs, same run (GPU_BENCH=0
+# skips it; BENCH_S caps it). The CLI runs from the checkout (no install needed).
+if [ "${GPU_BENCH:-1}" = 1 ]; then
+    printf '#!/bin/sh\nexec python3 -m pipelines.cli "$@"\n' > /tmp/mergeline-cli && chmod +x /tmp/mergeline-cli
+    bench() { timeout "${BENCH_S:-240}" python3 bench/run_bench.py --python python3 --mergeline /tmp/mergeline-cli \
+                  --workdir /tmp/gpu-bench --repeats "${BENCH_REPEATS:-3}" "$@"; }
+    { bench --device cuda --methods "${BENCH_METHODS:-linear,ties,slerp,lora}"
+      bench --device cpu --methods "${BENCH_CPU_METHODS:-linear,ties,lora}"; } 2>&1 | tee "$OUT/bench.log"
+    cp /tmp/gpu-bench/results-*.json "$OUT/" 2>/dev/null
+fi
+exit "$rc"
