@@ -35,5 +35,9 @@ if [ "${GPU_BENCH:-1}" = 1 ]; then
     { bench --device cuda --methods "${BENCH_METHODS:-linear,ties,slerp,lora}"
       bench --device cpu --methods "${BENCH_CPU_METHODS:-linear,ties,lora}"; } 2>&1 | tee "$OUT/bench.log"
     cp /tmp/gpu-bench/results-*.json "$OUT/" 2>/dev/null
+    # where the CUDA path's time goes (host vs device), one linear merge under cProfile
+    timeout 120 python3 bench/profile_merge.py /tmp/gpu-bench/configs/scale1/linear.yaml --device cuda \
+        > "$OUT/profile_linear_cuda.txt" 2>&1
+    head -1 "$OUT/profile_linear_cuda.txt"
 fi
 exit "$rc"

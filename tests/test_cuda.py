@@ -21,6 +21,11 @@ from tests.mergekit_cases import CASES  # noqa: E402
 from tests.mergekit_parity import compare, families, golden_file, load_tensors, resolve  # noqa: E402
 
 BF16_STEP = 2.0 ** -7  # one bf16 rounding step at magnitude 1 (values here are ≤ ~1.2)
+F32_STEP = 2.4e-7  # two float32 rounding steps at magnitude 1
+# Methods that keep or drop an element by comparing a computed score with a threshold: scores made by GPU reductions
+# differ from the CPU's in the last bit, so an element whose score sits within rounding of the threshold can land on
+# the other side (MergeKit run on a GPU flips them the same way). Measured on an H200: arcee_fusion 0.010% of entries.
+THRESHOLD_FLIPS = {"arcee_fusion_f32": {"frac": 1e-3}}
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +49,18 @@ def test_cuda_matches_mergekit_and_cpu(case, fams, tmp_path):
     vs_cpu = compare(case["name"], gpu, cpu)
     print(f"\n[cuda] vs MergeKit: {vs_mk.line(case['expect'])}\n[cuda] vs cpu:      {vs_cpu.line('bitwise')}")
     assert not (vs_mk.missing or vs_mk.extra or vs_mk.dtype_mismatch), vs_mk.line(case["expect"])
-    # the CPU promise, or (where the GPU's reduction/BLAS order differs) one rounding step on a few entries
-    step = BF16_STEP if "bfloat16" in json.dumps(case["config"]) or case["family"] == "bf16" else 2.4e-7
-    relaxed = {"atol": max(step, case["expect"].get("atol", 0.0) if isinstance(case["expect"], dict) else 0.0),
-               "frac": max(2e-3, case["expect"].get("frac", 0.0) if isinstance(case["expect"], dict) else 0.0)}
+    if case["name"] in THRESHOLD_FLIPS:
+        flips = THRESHOLD_FLIPS[case["name"]]
+        assert vs_mk.ok(flips), vs_mk.line(flips)
+        assert vs_cpu.ok(flips), vs_cpu.line(flips)
+        return
+    # the CPU promise, or (where the GPU's reduction/BLAS order differs) one rounding step: in float32 on any number
+    # of entries (cuBLAS and CUDA reductions sum in another order everywhere), in bfloat16 on a few
+    bf16 = "bfloat16" in json.dumps(case["config"]) or case["family"] == "bf16"
+    case_atol = case["expect"].get("atol", 0.0) if isinstance(case["expect"], dict) else 0.0
+    case_frac = case["expect"].get("frac", 0.0) if isinstance(case["expect"], dict) else 0.0
+    relaxed = ({"atol": max(BF16_STEP, case_atol), "frac": max(2e-3, case_frac)} if bf16
+               else {"atol": max(F32_STEP, case_atol)})
     assert vs_mk.ok(case["expect"]) or vs_mk.ok(relaxed), vs_mk.line(relaxed)
     assert vs_cpu.ok(relaxed), vs_cpu.line(relaxed)
 
