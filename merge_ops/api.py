@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .config import MergeConfig, load_config, parse_config
 from .device import describe, resolve_device, use_all_cores
 from .errors import ConfigError, InputError
-from .executor import DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_ELEMENTS, Executor, layout_shards
+from .executor import Executor, block_sizes, layout_shards
 from .bnb_dequant import quant_manifest
 from .hashing import sha256_files
 from .manifest import library_versions, model_card, write_manifest
@@ -44,8 +44,10 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     download: bool = False
     compute_dtype: str | None = Field(default=None, description="float32 (default) or float64")
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+    chunk_elements: int | None = Field(default=None, description="elements per row block (default: 2 Mi on the CPU, "
+                                                                  "up to 64 Mi on a GPU)")
+    cache_bytes: int | None = Field(default=None, description="raw inputs of a tensor up to this size are read whole "
+                                                              "by the prefetch thread (default 16 MiB CPU, 512 MiB GPU)")
     hash_inputs: bool = True
     copy_tokenizer: bool = True
     fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
@@ -168,7 +170,8 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
     with atomic_output_dir(output_dir) as tmp:
         for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
             src.checkpoint.materialize()
-        ex = Executor(plan, chunk_elements=options.chunk_elements, cache_bytes=options.cache_bytes, progress=tick,
+        chunk, cache = block_sizes(device, options.chunk_elements, options.cache_bytes)
+        ex = Executor(plan, chunk_elements=chunk, cache_bytes=cache, progress=tick,
                       fsync=options.fsync, check_finite=options.check_finite)
         ex.run(tmp, shards)
         if ex.nonfinite:

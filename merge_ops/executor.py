@@ -27,6 +27,30 @@ from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter, advis
 DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thread
+# On a GPU the arithmetic is nearly free and every extra pass over a tensor is another read from the host: take row
+# blocks of up to 64 Mi elements (most tensors whole, so one read even for methods with statistics passes) and let
+# the prefetch thread read up to 512 MiB of a tensor's raw inputs while the GPU works on the previous one. Host memory
+# stays a constant (≈ 2 × the cache), GPU memory a few × 256 MiB per input; both are capped by free GPU memory.
+CUDA_CHUNK_ELEMENTS = 64 * 1024 * 1024
+CUDA_CACHE_BYTES = 512 * 1024 * 1024
+
+
+def block_sizes(device, chunk_elements: int | None, cache_bytes: int | None) -> tuple[int, int]:
+    """Row-block size and whole-tensor cache for ``device``; ``None`` = the device's default. The environment
+    variables ``MERGELINE_CHUNK_ELEMENTS`` / ``MERGELINE_CACHE_BYTES`` replace the defaults (tuning, benchmarks)."""
+    import os
+
+    gpu = getattr(device, "type", "cpu") == "cuda"
+    if chunk_elements is None:
+        chunk_elements = int(os.environ.get("MERGELINE_CHUNK_ELEMENTS", 0)) or (
+            CUDA_CHUNK_ELEMENTS if gpu else DEFAULT_CHUNK_ELEMENTS)
+        if gpu:  # a small or busy card: ~64 float32 buffers of a block must fit what is free
+            free, _ = torch.cuda.mem_get_info(device)
+            chunk_elements = max(DEFAULT_CHUNK_ELEMENTS, min(chunk_elements, free // 256))
+    if cache_bytes is None:
+        cache_bytes = int(os.environ.get("MERGELINE_CACHE_BYTES", 0)) or (
+            CUDA_CACHE_BYTES if gpu else DEFAULT_CACHE_BYTES)
+    return chunk_elements, cache_bytes
 
 
 @dataclass

@@ -30,14 +30,21 @@ rc=${PIPESTATUS[0]}
 # skips it; BENCH_S caps it). The CLI runs from the checkout (no install needed).
 if [ "${GPU_BENCH:-1}" = 1 ]; then
     printf '#!/bin/sh\nexec python3 -m pipelines.cli "$@"\n' > /tmp/mergeline-cli && chmod +x /tmp/mergeline-cli
+    python3 bench/make_models.py --scale 1 --workdir /tmp/gpu-bench/models 2>&1 | tail -1
+    # the GPU's row-block/cache defaults against the CPU's sizes, in one process, outputs compared byte for byte
+    timeout "${BENCH_S:-240}" python3 bench/block_sizes.py /tmp/gpu-bench/models/scale1 --device cuda \
+        --methods "${BLOCK_METHODS:-linear,ties,lora}" 2>&1 | tee "$OUT/block_sizes.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
     bench() { timeout "${BENCH_S:-240}" python3 bench/run_bench.py --python python3 --mergeline /tmp/mergeline-cli \
                   --workdir /tmp/gpu-bench --repeats "${BENCH_REPEATS:-3}" "$@"; }
-    { bench --device cuda --methods "${BENCH_METHODS:-linear,ties,slerp,lora}"
-      bench --device cpu --methods "${BENCH_CPU_METHODS:-linear,ties,lora}"; } 2>&1 | tee "$OUT/bench.log"
+    { [ -z "${BENCH_METHODS-x}" ] || bench --device cuda --methods "${BENCH_METHODS:-linear,ties,slerp,lora}"
+      [ -z "${BENCH_CPU_METHODS-x}" ] || bench --device cpu --methods "${BENCH_CPU_METHODS:-linear,ties,lora}"
+    } 2>&1 | tee "$OUT/bench.log"
     cp /tmp/gpu-bench/results-*.json "$OUT/" 2>/dev/null
-    # where the CUDA path's time goes (host vs device), one linear merge under cProfile
-    timeout 120 python3 bench/profile_merge.py /tmp/gpu-bench/configs/scale1/linear.yaml --device cuda \
-        > "$OUT/profile_linear_cuda.txt" 2>&1
-    head -1 "$OUT/profile_linear_cuda.txt"
+    if [ "${PROFILE:-0}" = 1 ]; then  # where the CUDA path's time goes (host vs device), one linear merge
+        timeout 120 python3 bench/profile_merge.py /tmp/gpu-bench/configs/scale1/linear.yaml --device cuda \
+            > "$OUT/profile_linear_cuda.txt" 2>&1
+        head -1 "$OUT/profile_linear_cuda.txt"
+    fi
 fi
 exit "$rc"
