@@ -44,10 +44,11 @@ class MergeOptions(BaseModel):
     allow_pickle: bool = False
     download: bool = False
     compute_dtype: str | None = Field(default=None, description="float32 (default) or float64")
-    chunk_elements: int | None = Field(default=None, description="elements per row block (default: 2 Mi on the CPU, "
-                                                                  "up to 64 Mi on a GPU)")
+    chunk_elements: int | None = Field(default=None, description="elements per row block (default 2 Mi; on a GPU "
+                                                                  "up to 64 Mi for methods with statistics passes)")
     cache_bytes: int | None = Field(default=None, description="raw inputs of a tensor up to this size are read whole "
-                                                              "by the prefetch thread (default 16 MiB CPU, 512 MiB GPU)")
+                                                              "by the prefetch thread (default 16 MiB; on a GPU 512 MiB for "
+                                                              "methods with statistics passes)")
     hash_inputs: bool = True
     copy_tokenizer: bool = True
     fsync: bool = Field(default=False, description="fsync every shard before the rename (durable across power loss)")
@@ -170,8 +171,9 @@ def merge(config: MergeConfig | dict | str | Path, output_dir: str | Path, optio
     with atomic_output_dir(output_dir) as tmp:
         for src in plan.sources:  # 4-bit inputs: their float32 view is written now, after every check passed
             src.checkpoint.materialize()
-        chunk, cache = block_sizes(device, options.chunk_elements, options.cache_bytes)
-        ex = Executor(plan, chunk_elements=chunk, cache_bytes=cache, progress=tick,
+        bs = block_sizes(device, options.chunk_elements, options.cache_bytes)
+        ex = Executor(plan, chunk_elements=bs.chunk_elements, cache_bytes=bs.cache_bytes,
+                      stats_chunk_elements=bs.stats_chunk_elements, stats_cache_bytes=bs.stats_cache_bytes, progress=tick,
                       fsync=options.fsync, check_finite=options.check_finite)
         ex.run(tmp, shards)
         if ex.nonfinite:

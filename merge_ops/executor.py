@@ -27,30 +27,41 @@ from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter, advis
 DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
 WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thread
-# On a GPU the arithmetic is nearly free and every extra pass over a tensor is another read from the host: take row
-# blocks of up to 64 Mi elements (most tensors whole, so one read even for methods with statistics passes) and let
-# the prefetch thread read up to 512 MiB of a tensor's raw inputs while the GPU works on the previous one. Host memory
-# stays a constant (≈ 2 × the cache), GPU memory a few × 256 MiB per input; both are capped by free GPU memory.
-CUDA_CHUNK_ELEMENTS = 64 * 1024 * 1024
-CUDA_CACHE_BYTES = 512 * 1024 * 1024
+# On a GPU, a method with statistics passes (TIES, DARE-TIES, DELLA, breadcrumbs, SLERP's norms, ...) pays for every
+# extra pass over a streamed tensor with another read from the host, while the GPU arithmetic is nearly free: such
+# tensors are taken in row blocks of up to 64 Mi elements (most whole, so one read) and the prefetch thread reads up to
+# 512 MiB of their raw inputs while the GPU works. Single-pass methods keep the CPU's sizes: measured on an H200 host
+# (bench/block_sizes.py, 0.5 B bf16 models), the big blocks halved TIES (6.7 → 3.3 s) but slowed linear and LoRA.
+# Host memory stays a constant (≈ 2 × the cache); GPU blocks are capped by free GPU memory.
+CUDA_STATS_CHUNK_ELEMENTS = 64 * 1024 * 1024
+CUDA_STATS_CACHE_BYTES = 512 * 1024 * 1024
 
 
-def block_sizes(device, chunk_elements: int | None, cache_bytes: int | None) -> tuple[int, int]:
-    """Row-block size and whole-tensor cache for ``device``; ``None`` = the device's default. The environment
-    variables ``MERGELINE_CHUNK_ELEMENTS`` / ``MERGELINE_CACHE_BYTES`` replace the defaults (tuning, benchmarks)."""
+@dataclass(frozen=True)
+class BlockSizes:
+    """Row-block size and whole-tensor cache, for tensors of single-pass methods and of methods with statistics."""
+    chunk_elements: int
+    cache_bytes: int
+    stats_chunk_elements: int
+    stats_cache_bytes: int
+
+
+def block_sizes(device, chunk_elements: int | None, cache_bytes: int | None) -> BlockSizes:
+    """The sizes for ``device``; an explicit size (not ``None``) is used for every tensor. The environment variables
+    ``MERGELINE_CHUNK_ELEMENTS`` / ``MERGELINE_CACHE_BYTES`` replace the defaults (tuning, benchmarks)."""
     import os
 
-    gpu = getattr(device, "type", "cpu") == "cuda"
-    if chunk_elements is None:
-        chunk_elements = int(os.environ.get("MERGELINE_CHUNK_ELEMENTS", 0)) or (
-            CUDA_CHUNK_ELEMENTS if gpu else DEFAULT_CHUNK_ELEMENTS)
-        if gpu:  # a small or busy card: ~64 float32 buffers of a block must fit what is free
-            free, _ = torch.cuda.mem_get_info(device)
-            chunk_elements = max(DEFAULT_CHUNK_ELEMENTS, min(chunk_elements, free // 256))
-    if cache_bytes is None:
-        cache_bytes = int(os.environ.get("MERGELINE_CACHE_BYTES", 0)) or (
-            CUDA_CACHE_BYTES if gpu else DEFAULT_CACHE_BYTES)
-    return chunk_elements, cache_bytes
+    chunk = chunk_elements or int(os.environ.get("MERGELINE_CHUNK_ELEMENTS", 0)) or DEFAULT_CHUNK_ELEMENTS
+    cache = cache_bytes if cache_bytes is not None else (
+        int(os.environ.get("MERGELINE_CACHE_BYTES", 0)) or DEFAULT_CACHE_BYTES)
+    stats_chunk, stats_cache = chunk, cache
+    if getattr(device, "type", "cpu") == "cuda":
+        if chunk_elements is None and "MERGELINE_CHUNK_ELEMENTS" not in os.environ:
+            free, _ = torch.cuda.mem_get_info(device)  # a small or busy card: ~64 float32 block buffers must fit
+            stats_chunk = max(chunk, min(CUDA_STATS_CHUNK_ELEMENTS, free // 256))
+        if cache_bytes is None and "MERGELINE_CACHE_BYTES" not in os.environ:
+            stats_cache = CUDA_STATS_CACHE_BYTES
+    return BlockSizes(chunk, cache, stats_chunk, stats_cache)
 
 
 @dataclass
@@ -144,7 +155,8 @@ class _Writer:
 class Executor:
     def __init__(self, plan: MergePlan, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, progress: Callable[[int], None] | None = None,
-                 fsync: bool = False, check_finite: bool = False):
+                 fsync: bool = False, check_finite: bool = False, stats_chunk_elements: int | None = None,
+                 stats_cache_bytes: int | None = None):
         self.fsync = fsync
         self.check_finite = check_finite
         self.nonfinite: dict[str, int] = {}  # with check_finite: output tensor -> NaN/inf count
@@ -156,6 +168,9 @@ class Executor:
                 break
         self.chunk_elements = chunk_elements
         self.cache_bytes = cache_bytes
+        # tensors that need statistics passes (see block_sizes): bigger blocks where each pass costs a read
+        self.stats_chunk_elements = stats_chunk_elements or chunk_elements
+        self.stats_cache_bytes = stats_cache_bytes if stats_cache_bytes is not None else cache_bytes
         self.progress = progress or (lambda n: None)
         self._bufs: dict[int, torch.Tensor] = {}
 
@@ -181,7 +196,7 @@ class Executor:
                 advise_willneed(srcs[r.source].info(r.tensor))
             return None
         total = sum(srcs[r.source].info(r.tensor).nbytes for r in refs)
-        if total > self.cache_bytes:
+        if total > (self.stats_cache_bytes if self._needs_stats(ot) else self.cache_bytes):
             return None
         return RawInputs([srcs[r.source].read_raw(r.tensor) for r in refs])
 
@@ -224,7 +239,16 @@ class Executor:
         srcs = self.plan.sources
         if not all(srcs[r.source].row_local(r.tensor) for r in self._inputs(ot)):
             return [(0, ot.shape[0] if ot.shape else 1)]
-        return chunk_ranges(ot.shape, self.chunk_elements)
+        return chunk_ranges(ot.shape, self.stats_chunk_elements if self._needs_stats(ot) else self.chunk_elements)
+
+    def _needs_stats(self, ot: OutputTensor) -> bool:
+        """Whether this tensor's method makes statistics passes over it (TIES/breadcrumbs top-k, DARE rescaling, SLERP
+        norms, ...): asked only where the stats sizes differ (a GPU); cheap (selectors are allocated lazily)."""
+        if ot.task is None or (self.stats_chunk_elements == self.chunk_elements
+                               and self.stats_cache_bytes == self.cache_bytes):
+            return False
+        method = self.plan.method
+        return method.stats_passes(ot.task, method.init_stats(ot.task)) > 0
 
     def _tensor(self, ot: OutputTensor, cached, emit: Callable[[torch.Tensor], None]) -> None:
         if ot.task is not None:

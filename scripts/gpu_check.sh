@@ -8,7 +8,11 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection
 # Runs tests/test_cuda.py (every MergeKit parity case on cuda vs MergeKit's stored output and vs cpu, streamed = whole
-# on cuda, LoRA on cuda vs PEFT, auto → cuda). Logs land in $OUT (the device tool's output folder) or /tmp/gpu-check.
+# on cuda, LoRA on cuda vs PEFT, auto → cuda), then (GPU_BENCH=1, the default) generates the 0.5 B bench models and
+# runs bench/block_sizes.py (GPU block sizes A/B, same bytes) and bench/run_bench.py on cuda and on cpu; PROFILE=1
+# adds bench/profile_merge.py. BENCH_METHODS / BENCH_CPU_METHODS / BLOCK_METHODS / BENCH_REPEATS / BENCH_S tune it
+# (an empty BENCH_METHODS= or BENCH_CPU_METHODS= skips that half). About 4 minutes on an H200 machine.
+# Logs land in $OUT (the device tool's output folder) or /tmp/gpu-check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check}"
