@@ -9,6 +9,7 @@ a prefetcher reads the next tensor's inputs, the main thread computes, a writer 
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,8 @@ WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thre
 # extra pass over a streamed tensor with another read from the host, while the GPU arithmetic is nearly free: such
 # tensors are taken in row blocks of up to 64 Mi elements (most whole, so one read) and the prefetch thread reads up to
 # 512 MiB of their raw inputs while the GPU works. Single-pass methods keep the CPU's sizes: measured on an H200 host
-# (bench/block_sizes.py, 0.5 B bf16 models), the big blocks halved TIES (6.7 → 3.3 s) but slowed linear and LoRA.
+# (bench/block_sizes.py, 0.5 B bf16 models), the big blocks halved TIES (6.7 → 3.3 s) but did not help linear or
+# LoRA and cost ~500 MB more host RSS.
 # Host memory stays a constant (≈ 2 × the cache); GPU blocks are capped by free GPU memory.
 CUDA_STATS_CHUNK_ELEMENTS = 64 * 1024 * 1024
 CUDA_STATS_CACHE_BYTES = 512 * 1024 * 1024
@@ -49,8 +51,6 @@ class BlockSizes:
 def block_sizes(device, chunk_elements: int | None, cache_bytes: int | None) -> BlockSizes:
     """The sizes for ``device``; an explicit size (not ``None``) is used for every tensor. The environment variables
     ``MERGELINE_CHUNK_ELEMENTS`` / ``MERGELINE_CACHE_BYTES`` replace the defaults (tuning, benchmarks)."""
-    import os
-
     chunk = chunk_elements or int(os.environ.get("MERGELINE_CHUNK_ELEMENTS", 0)) or DEFAULT_CHUNK_ELEMENTS
     cache = cache_bytes if cache_bytes is not None else (
         int(os.environ.get("MERGELINE_CACHE_BYTES", 0)) or DEFAULT_CACHE_BYTES)

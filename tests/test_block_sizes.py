@@ -53,11 +53,18 @@ def test_stats_sizes_apply_only_to_methods_with_statistics(tiny_family):
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs", "linear"])
 def test_bytes_do_not_depend_on_stats_block_sizes(method, tiny_family, tmp_path, monkeypatch):
-    """float32 compute through the streamed (non-fused) path: small blocks everywhere = big blocks for stats."""
+    """The streamed torch path (float64 compute: the fused bf16 CPU kernels ignore row blocks), small blocks
+    everywhere = big blocks for tensors with statistics passes; the spy proves big single blocks were taken."""
     cfg = _cfg(method, tiny_family)
-    merge(cfg, tmp_path / "small", MergeOptions(device="cpu", chunk_elements=64, cache_bytes=0, hash_inputs=False))
+    merge(cfg, tmp_path / "small", MergeOptions(device="cpu", chunk_elements=64, cache_bytes=0, hash_inputs=False,
+                                                compute_dtype="float64"))
     monkeypatch.setattr("merge_ops.api.block_sizes", lambda d, c, k: BlockSizes(64, 0, 10**9, 1 << 30))
-    merge(cfg, tmp_path / "mixed", MergeOptions(device="cpu", hash_inputs=False))
+    seen = []
+    real = Executor._ranges
+    monkeypatch.setattr(Executor, "_ranges", lambda self, ot: seen.append(r := real(self, ot)) or r)
+    merge(cfg, tmp_path / "mixed", MergeOptions(device="cpu", hash_inputs=False, compute_dtype="float64"))
+    multi = [r for r in seen if len(r) > 1]
+    assert seen and (not multi if method != "linear" else multi), (method, [len(r) for r in seen][:10])
 
     def digest(d):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.safetensors"))}
