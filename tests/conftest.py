@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,39 @@ import torch
 os.environ.setdefault("MERGELINE_CACHE", str(Path(os.environ.get("PYTEST_TMPDIR", "/tmp")) / f"mergeline-test-cache-{os.getpid()}"))
 
 
+# Directories that session-scoped fixtures create under the base temp dir start with this prefix, so the per-module
+# cleanup below leaves them alone.
+SESSION_PREFIX = "session-"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_temp_dirs(request, tmp_path_factory):
+    """Delete what this test module left under pytest's base temp dir once the module is done.
+
+    Why: pytest keeps every ``tmp_path`` and ``tmp_path_factory.mktemp`` directory until the session ends, so the
+    suite's generated models pile up to many GB and a CI machine with a small free disk fills up (seen: ENOSPC in
+    test_memory after ~9 minutes). Function-scoped dirs of passing tests are already removed at once
+    (``tmp_path_retention_policy = "failed"`` in pyproject.toml); this removes the module-scoped ones. Directories are
+    kept when a test of the module failed (to debug) or when MERGELINE_KEEP_TEST_TMP=1.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    failed_before = request.session.testsfailed
+    yield
+    if os.environ.get("MERGELINE_KEEP_TEST_TMP") == "1" or request.session.testsfailed > failed_before:
+        return
+    for p in base.iterdir():
+        if p.name not in before and not p.name.startswith(SESSION_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """A bf16 base, two fine-tunes and a LoRA adapter of it."""
     from tests.tiny_models import save_tiny_llama, save_variant
     from pipelines.toy_models import save_lora_adapter
 
-    root = tmp_path_factory.mktemp("family")
+    root = tmp_path_factory.mktemp(SESSION_PREFIX + "family")
     base = save_tiny_llama(root / "base", seed=0, dtype=torch.bfloat16, num_layers=2, hidden=32, vocab=128)
     return {
         "base": base,

@@ -59,17 +59,19 @@ def peak_rss_mb(cmd: list[str]) -> float:
 def test_peak_rss_is_flat_in_model_size(tmp_path):
     results = {}
     for label, dims in {"small": (1536, 12000, 4, 4096), "large": (3072, 24000, 4, 8192)}.items():
-        dirs = synthetic_family(tmp_path / label, *dims)
-        size = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
-        cfg = {"merge_method": "ties", "base_model": str(dirs[0]), "dtype": "bfloat16",
-               "models": [{"model": str(d), "parameters": {"weight": 1 / 3, "density": 0.5}} for d in dirs[1:]]}
-        cfg_path = tmp_path / f"{label}.yml"
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        rss = peak_rss_mb([sys.executable, "-m", "pipelines.cli", "merge", str(cfg_path), str(tmp_path / f"out-{label}"),
-                           "--device", "cpu"])
-        results[label] = (size, rss)
-        shutil.rmtree(tmp_path / label)
-        shutil.rmtree(tmp_path / f"out-{label}")
+        try:  # ~5.5 GB on disk for the large family and its output: freed even when the merge fails
+            dirs = synthetic_family(tmp_path / label, *dims)
+            size = sum(f.stat().st_size for f in dirs[0].glob("*.safetensors"))
+            cfg = {"merge_method": "ties", "base_model": str(dirs[0]), "dtype": "bfloat16",
+                   "models": [{"model": str(d), "parameters": {"weight": 1 / 3, "density": 0.5}} for d in dirs[1:]]}
+            cfg_path = tmp_path / f"{label}.yml"
+            cfg_path.write_text(yaml.safe_dump(cfg))
+            rss = peak_rss_mb([sys.executable, "-m", "pipelines.cli", "merge", str(cfg_path),
+                               str(tmp_path / f"out-{label}"), "--device", "cpu"])
+            results[label] = (size, rss)
+        finally:
+            shutil.rmtree(tmp_path / label, ignore_errors=True)
+            shutil.rmtree(tmp_path / f"out-{label}", ignore_errors=True)
     (small_size, small_rss), (large_size, large_rss) = results["small"], results["large"]
     print(f"peak RSS: {small_size / 1e6:.0f} MB models -> {small_rss:.0f} MiB; "
           f"{large_size / 1e6:.0f} MB models -> {large_rss:.0f} MiB")
