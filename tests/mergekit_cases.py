@@ -9,7 +9,8 @@ as a dict with ``{base}``/``{ft1}``/``{ft2}``/``{ft3}``/``{lora}`` placeholders,
   products, which mergeline streams (and sums in float64) while MergeKit reduces with torch in float32, so the
   coefficients differ in the last bits and some outputs by one float32 ulp (or, rarely, one bf16 ulp);
   and TIES on bf16 deltas, where MergeKit keeps every delta tied with the k-th largest and mergeline keeps exactly
-  k (a documented **differs**).
+  k (a documented **differs**); and ``arcee_fusion``, whose threshold test sits on torch's vectorised exp/log (their
+  last bit depends on the CPU's SIMD level, so MergeKit's own output does too).
 
 Random methods (DARE, DELLA) draw masks from different generators, so only their deterministic limits (density 1)
 are compared here; their distributions are tested elsewhere.
@@ -165,7 +166,10 @@ CASES: list[dict] = [
     {"name": "nearswap", "family": "bf16", "expect": "bitwise", "config": {
         "merge_method": "nearswap", "base_model": "{base}", **F32_BF16, "parameters": {"t": 0.01},
         "models": [{"model": "{base}"}, {"model": "{ft2}"}]}},
-    {"name": "arcee_fusion_f32", "family": "f32", "expect": "bitwise", "config": {
+    # softmax/log run through torch's vectorised exp/log, whose last bit depends on the CPU's SIMD level: the stored
+    # output (made on an AVX-512 machine) is matched byte for byte there; on an AVX2-only CPU ~0.005 % of entries,
+    # whose importance sits within rounding of the median + 1.5·IQR threshold, flip between base and model.
+    {"name": "arcee_fusion_f32", "family": "f32", "expect": {"frac": 1e-3}, "config": {
         "merge_method": "arcee_fusion", "base_model": "{base}", "dtype": "float32",
         "models": [{"model": "{base}"}, {"model": "{ft1}"}]}},
     {"name": "ram_f32", "family": "f32", "expect": "bitwise", "config": {
