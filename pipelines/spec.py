@@ -162,15 +162,13 @@ class AutomationSpec(_Strict):
     interval_seconds: int = Field(30, ge=1, le=86400)
 
 
-class BaseModelSpec(_Node):
-    """Exactly one of ``toy``, ``path`` (a local model directory) or ``hub`` (a repo id, with ``revision``)."""
+class _ExternalSource(_Node):
+    """What base models and adapters share: a local ``path`` or a ``hub`` repo at a ``revision``, watched by an
+    observable source asset (``observe``)."""
 
-    toy: ToyModelSpec | None = None
     path: str | None = None
     hub: str | None = None
     revision: str | None = None
-    allow_patterns: list[str] | None = None
-    architecture: str | None = Field(None, description="declared architecture, e.g. LlamaForCausalLM (hub models)")
     observe: ObserveSpec | None = None
 
     @field_validator("observe", mode="before")
@@ -182,6 +180,14 @@ class BaseModelSpec(_Node):
     @classmethod
     def _rev(cls, v):
         return _coerce_str(v)
+
+
+class BaseModelSpec(_ExternalSource):
+    """Exactly one of ``toy``, ``path`` (a local model directory) or ``hub`` (a repo id, with ``revision``)."""
+
+    toy: ToyModelSpec | None = None
+    allow_patterns: list[str] | None = None
+    architecture: str | None = Field(None, description="declared architecture, e.g. LlamaForCausalLM (hub models)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -285,26 +291,12 @@ class FinetuneSpec(_Node):
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-class AdapterSpec(_Node):
+class AdapterSpec(_ExternalSource):
     """A LoRA adapter produced elsewhere: a local PEFT adapter directory or a Hub repo at a pinned revision. ``base``
     names the base model (or merge) it was trained on."""
 
     base: str
-    path: str | None = None
-    hub: str | None = None
-    revision: str | None = None
     folder: str | None = Field(None, description="a directory of adapters: one dynamic partition per subdirectory")
-    observe: ObserveSpec | None = None
-
-    @field_validator("observe", mode="before")
-    @classmethod
-    def _observe(cls, v):
-        return _observe_shorthand(v)
-
-    @field_validator("revision", mode="before")
-    @classmethod
-    def _rev(cls, v):
-        return _coerce_str(v)
 
     @model_validator(mode="after")
     def _one_source(self):
