@@ -27,7 +27,7 @@ from .safetensors_io import ST_TO_TORCH, PlannedTensor, ShardStreamWriter, advis
 
 DEFAULT_CHUNK_ELEMENTS = 2 * 1024 * 1024
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024  # raw inputs of one tensor kept whole below this; streamed above
-WRITE_QUEUE_BYTES = 64 * 1024 * 1024  # output bytes waiting for the writer thread
+WRITE_QUEUE_BYTES = 16 * 1024 * 1024  # output bytes waiting for the writer thread (4 blocks; more bought no speed)
 # On a GPU, a method with statistics passes (TIES, DARE-TIES, DELLA, breadcrumbs, SLERP's norms, ...) pays for every
 # extra pass over a streamed tensor with another read from the host, while the GPU arithmetic is nearly free: such
 # tensors are taken in row blocks of up to 64 Mi elements (most whole, so one read) and the prefetch thread reads up to
@@ -116,7 +116,8 @@ class _Writer:
     """One background thread that writes and hashes; ``submit`` blocks while more than ``max_bytes`` of output
     wait to be written (bounded memory)."""
 
-    def __init__(self, max_bytes: int = WRITE_QUEUE_BYTES):
+    def __init__(self, max_bytes: int | None = None):
+        max_bytes = max_bytes or int(os.environ.get("MERGELINE_WRITE_QUEUE_BYTES", 0)) or WRITE_QUEUE_BYTES
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeline-writer")
         self._cond = threading.Condition()
         self._pending = 0

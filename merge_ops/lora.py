@@ -54,13 +54,16 @@ settles the Conv1D-vs-Linear layout of square weights).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -170,44 +173,115 @@ def _match_pattern(patterns: dict[str, Any], module_path: str, where: str) -> An
     return None
 
 
+#: how many modules of an adapter keep their matrices in memory (see _Resident)
+RESIDENT_MODULES = 4
+
+
+class _Resident:
+    """Which modules of one adapter hold their matrices in memory: the ``keep`` most recently used.
+
+    Why: one module's matrices are small next to the base tensor they update, but all of them together are not small
+    next to the memory budget (a rank-64 adapter on every projection of a 70 B model is ~3 GB as float32). The engine
+    needs one module at a time (plus the one the prefetch thread reads), so keeping only the last few makes peak
+    memory independent of the adapter's size; a dropped module is read again from the file if it is needed again.
+    """
+
+    def __init__(self, keep: int | None = None):
+        self._keep = keep or RESIDENT_MODULES
+        self._order: OrderedDict[int, _Module] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def touch(self, m: "_Module") -> None:
+        with self._lock:
+            self._order.pop(id(m), None)
+            self._order[id(m)] = m
+            while len(self._order) > self._keep:
+                _, old = self._order.popitem(last=False)
+                old._drop()
+
+
+_SLOTS = ("A", "B", "magnitude", "bias")
+
+
 @dataclass
 class _Module:
-    """The LoRA update of one base module (``path`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``)."""
+    """The LoRA update of one base module (``path`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``).
+
+    Its matrices (``A`` float32 [r, in] / [r, num_embeddings] for embeddings, ``B`` [out, r] / [dim, r],
+    ``magnitude`` (DoRA) [out], ``bias`` (lora_B.bias) [out]) are known by shape from the file header and read when
+    first used (:class:`_Resident` decides how long they stay); ``has``/``shape`` answer without reading.
+    """
 
     path: str
     embedding: bool
-    A: np.ndarray | None = None  # float32 [r, in] (linear) / [r, num_embeddings] (embedding)
-    B: np.ndarray | None = None  # float32 [out, r] / [dim, r]
-    magnitude: np.ndarray | None = None  # DoRA, [out] / [dim]
-    bias: np.ndarray | None = None  # lora_B.bias, [out]
+    resident: _Resident | None = None
     keys: dict[str, str] = field(default_factory=dict)  # kind -> adapter key (for messages)
     scale: float = 0.0
     conv1d: bool | None = None  # stored weight is [in, out] (GPT-2 Conv1D); None until known
     residual_init: str | None = None  # "pissa" / "olora": PEFT rebuilds a residual base weight at load (Linear only)
     base_dtype: str | None = None  # safetensors dtype of the base tensor (the residual is rounded to it, as in PEFT)
+    _src: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = field(default_factory=dict, repr=False)
+    _arr: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     _cache: dict[tuple, tuple] = field(default_factory=dict, repr=False)
+
+    def has(self, slot: str) -> bool:
+        return slot in self._src
+
+    def shape(self, slot: str) -> tuple[int, ...]:
+        return self._src[slot][0]
+
+    def set_source(self, slot: str, shape: tuple[int, ...], load: Callable[[], np.ndarray]) -> None:
+        """Where slot's float32 array comes from: a tensor of the adapter file, or one derived from another module's."""
+        self._src[slot] = (tuple(shape), load)
+        self._arr.pop(slot, None)
+        self._cache.clear()
+
+    def get(self, slot: str) -> np.ndarray | None:
+        if slot not in self._src:
+            return None
+        a = self._arr.get(slot)
+        if a is None:
+            a = self._src[slot][1]()
+            self._arr[slot] = a
+        if self.resident is not None:
+            self.resident.touch(self)
+        return a
+
+    def _drop(self) -> None:
+        self._arr.clear()
+        self._cache.clear()
+
+    A = property(lambda self: self.get("A"))
+    B = property(lambda self: self.get("B"))
+    magnitude = property(lambda self: self.get("magnitude"))
+    bias = property(lambda self: self.get("bias"))
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.shape("A")[0]
 
     @property
     def out_features(self) -> int:
-        return self.B.shape[0]
+        return self.shape("B")[0]
 
     @property
     def in_features(self) -> int:
-        return self.A.shape[1]
+        return self.shape("A")[1]
 
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        """A, B, magnitude, bias moved to where the base rows live (cached: the engine calls this per row block)."""
+        """A, B, magnitude, bias moved to where the base rows live (cached while the module stays resident: the
+        engine calls this per row block)."""
         k = (str(device), dtype)
-        if k not in self._cache:
+        got = self._cache.get(k)
+        if got is None:
             # copy=True: torch-allocated (64-byte aligned) storage; BLAS calls on numpy-backed (32-byte aligned)
             # operands cost hundreds of MB more peak RSS here
             conv = lambda t: None if t is None else torch.from_numpy(t).to(device=device, dtype=dtype, copy=True)  # noqa: E731
-            self._cache[k] = (conv(self.A), conv(self.B), conv(self.magnitude), conv(self.bias))
-        return self._cache[k]
+            got = (conv(self.A), conv(self.B), conv(self.magnitude), conv(self.bias))
+            self._cache[k] = got
+        elif self.resident is not None:
+            self.resident.touch(self)
+        return got
 
 
 class LoraAdapter:
@@ -231,7 +305,7 @@ class LoraAdapter:
         self._targets: dict[str, list[tuple[_Module, str]]] = {}
         for m in modules.values():
             self._targets[f"{m.path}.weight"] = [(m, "weight")]
-            if m.bias is not None:
+            if m.has("bias"):
                 self._targets[f"{m.path}.bias"] = [(m, "bias")]
         #: how check_base treated tied embeddings: None, "tied" (updates folded into the shared tensor) or
         #: "untied" (the output head written as its own tensor, tie_word_embeddings set false)
@@ -353,6 +427,7 @@ class LoraAdapter:
         """
         where = str(weight_file)
         modules: dict[str, _Module] = {}
+        resident = _Resident()
         replacements: dict[str, TensorInfo] = {}
         replacement_keys: dict[str, str] = {}
         adapter_names: set[str] = set()
@@ -418,8 +493,8 @@ class LoraAdapter:
             embedding = kind.startswith("lora_embedding")
             m = modules.get(mpath)
             if m is None:
-                m = modules[mpath] = _Module(mpath, embedding)
-            elif m.A is None and m.B is None and kind.startswith(("lora_A", "lora_B", "lora_embedding")):
+                m = modules[mpath] = _Module(mpath, embedding, resident)
+            elif not m.has("A") and not m.has("B") and kind.startswith(("lora_A", "lora_B", "lora_embedding")):
                 m.embedding = embedding  # created by a magnitude/bias key; the A/B kind decides
             slot = {"lora_A": "A", "lora_embedding_A": "A", "lora_B": "B", "lora_embedding_B": "B",
                     "lora_magnitude_vector": "magnitude"}[kind]
@@ -430,14 +505,14 @@ class LoraAdapter:
                     f"{where}: module '{mpath}' has both lora_A/lora_B and lora_embedding_A/B keys ('{key}'); the "
                     f"adapter file is inconsistent, re-save it with PEFT"
                 )
-            if getattr(m, slot) is not None:
+            if m.has(slot):
                 raise InputError(
                     f"{where}: module '{mpath}' has two '{slot}' tensors ('{m.keys[slot]}' and '{key}'); "
                     f"the adapter file is inconsistent (several adapters in one file?)"
                 )
-            # adapter tensors are small (rank r): load them now, as float32 numpy arrays (exact-enough math on any
-            # device; numpy so that a plain LoRA merge on the CPU never needs torch — see lazy_torch)
-            setattr(m, slot, read_rows_f32(info))
+            # read when used, as float32 numpy arrays (exact-enough math on any device; numpy so that a plain LoRA
+            # merge on the CPU never needs torch — see lazy_torch); only a few modules stay in memory (_Resident)
+            m.set_source(slot, info.shape, functools.partial(read_rows_f32, info))
             m.keys[slot] = key
 
         if len(adapter_names) > 1:
@@ -458,45 +533,45 @@ class LoraAdapter:
         for m in modules.values():
             a_name = "lora_embedding_A" if m.embedding else "lora_A"
             b_name = "lora_embedding_B" if m.embedding else "lora_B"
-            if m.A is None or m.B is None:
-                have, miss = (a_name, b_name) if m.B is None else (b_name, a_name)
-                if m.A is None and m.B is None:
+            if not m.has("A") or not m.has("B"):
+                have, miss = (a_name, b_name) if not m.has("B") else (b_name, a_name)
+                if not m.has("A") and not m.has("B"):
                     have, miss = "lora_magnitude_vector/lora_B.bias", f"{a_name} and {b_name}"
                 raise InputError(
                     f"{where}: module '{m.path}' has {have} but no {miss}; the adapter file is incomplete "
                     f"(re-save it with PeftModel.save_pretrained)"
                 )
-            if m.A.ndim != 2 or m.B.ndim != 2:
+            if len(m.shape("A")) != 2 or len(m.shape("B")) != 2:
                 raise UnsupportedError(
-                    f"{where}: '{m.keys['A']}' has shape {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)}; "
+                    f"{where}: '{m.keys['A']}' has shape {list(m.shape('A'))} and '{m.keys['B']}' {list(m.shape('B'))}; "
                     f"only 2-D LoRA (Linear, Conv1D, Embedding) is supported, not LoRA on convolutions"
                 )
-            if m.A.shape[0] != m.B.shape[1] or m.A.shape[0] == 0:
+            if m.shape("A")[0] != m.shape("B")[1] or m.shape("A")[0] == 0:
                 raise InputError(
-                    f"{where}: rank mismatch in module '{m.path}': '{m.keys['A']}' has shape {list(m.A.shape)} "
-                    f"(rank {m.A.shape[0]}) but '{m.keys['B']}' has shape {list(m.B.shape)} (rank {m.B.shape[1]}); "
+                    f"{where}: rank mismatch in module '{m.path}': '{m.keys['A']}' has shape {list(m.shape('A'))} "
+                    f"(rank {m.shape('A')[0]}) but '{m.keys['B']}' has shape {list(m.shape('B'))} (rank {m.shape('B')[1]}); "
                     f"the adapter file is corrupt or mixes adapters"
                 )
-            if m.magnitude is not None:
+            if m.has("magnitude"):
                 if not use_dora:
                     raise InputError(
                         f"{where}: module '{m.path}' has a DoRA magnitude ('{m.keys['magnitude']}') but the adapter "
                         f"config has use_dora false; PEFT would ignore it. Fix adapter_config.json (use_dora: true) "
                         f"if the adapter was trained with DoRA"
                     )
-                if tuple(m.magnitude.shape) != (m.out_features,):
+                if m.shape("magnitude") != (m.out_features,):
                     raise InputError(
-                        f"{where}: '{m.keys['magnitude']}' has shape {list(m.magnitude.shape)}, expected "
-                        f"[{m.out_features}] to match '{m.keys['B']}' {list(m.B.shape)}"
+                        f"{where}: '{m.keys['magnitude']}' has shape {list(m.shape('magnitude'))}, expected "
+                        f"[{m.out_features}] to match '{m.keys['B']}' {list(m.shape('B'))}"
                     )
             elif use_dora:
                 raise InputError(
                     f"{where}: adapter config has use_dora true but module '{m.path}' has no lora_magnitude_vector; "
                     f"the adapter file is incomplete (re-save it with PEFT)"
                 )
-            if m.bias is not None and tuple(m.bias.shape) != (m.out_features,):
+            if m.has("bias") and m.shape("bias") != (m.out_features,):
                 raise InputError(
-                    f"{where}: '{m.keys['bias']}' has shape {list(m.bias.shape)}, expected [{m.out_features}]"
+                    f"{where}: '{m.keys['bias']}' has shape {list(m.shape('bias'))}, expected [{m.out_features}]"
                 )
             # PEFT builds each module with r = rank_pattern match or 'r' (default 8) and then loads the tensors: a
             # different rank in the file makes PEFT fail (size mismatch), so it is an error here too, not a guess
@@ -565,7 +640,7 @@ class LoraAdapter:
         for m, what in self._targets.get(name, ()):
             if what == "weight" and m.residual_init:
                 return False  # the SVD / QR needs the whole weight
-            if what == "bias" or m.magnitude is None:
+            if what == "bias" or not m.has("magnitude"):
                 continue
             if m.embedding or self._conv1d(m, None):
                 return False
@@ -580,7 +655,7 @@ class LoraAdapter:
         if t is None or len(t) != 1:
             return None
         m, what = t[0]
-        if what == "bias" or m.magnitude is not None or m.embedding or m.residual_init or self._conv1d(m, None):
+        if what == "bias" or m.has("magnitude") or m.embedding or m.residual_init or self._conv1d(m, None):
             return None
         return m.A, m.B, m.scale
 
@@ -735,8 +810,8 @@ class LoraAdapter:
                         # the head's LoRA *is* the embedding's (lora_A = Bᵀ, lora_B = Aᵀ, one storage); the head's
                         # keys load last, so their values win for both, and PEFT merges both: the update lands twice
                         hm = head_mods[0][0]
-                        emb_mod.A, emb_mod.B = np.ascontiguousarray(hm.B.T), np.ascontiguousarray(hm.A.T)
-                        emb_mod._cache.clear()
+                        emb_mod.set_source("A", hm.shape("B")[::-1], lambda hm=hm: np.ascontiguousarray(hm.B.T))
+                        emb_mod.set_source("B", hm.shape("A")[::-1], lambda hm=hm: np.ascontiguousarray(hm.A.T))
                     else:
                         head_mods = []  # PEFT does not recreate the head's LoRA at load: its saved keys are unused
                 self._targets.setdefault(emb, []).extend(head_mods)
@@ -791,18 +866,18 @@ class LoraAdapter:
             if what == "bias":
                 if tuple(b.shape) != (m.out_features,):
                     raise InputError(
-                        f"{who}: '{m.keys['bias']}' has shape {list(m.bias.shape)} but base tensor '{name}' has shape "
+                        f"{who}: '{m.keys['bias']}' has shape {list(m.shape('bias'))} but base tensor '{name}' has shape "
                         f"{list(b.shape)}; the adapter was trained for another base model. Use the matching base"
                     )
                 continue
             shape = tuple(b.shape)
             if m.embedding:
                 expected = [(m.in_features, m.out_features)]
-                desc = (f"'{m.keys['A']}' {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)} need an embedding "
+                desc = (f"'{m.keys['A']}' {list(m.shape('A'))} and '{m.keys['B']}' {list(m.shape('B'))} need an embedding "
                         f"of shape [{m.in_features}, {m.out_features}]")
             else:
                 expected = [(m.out_features, m.in_features), (m.in_features, m.out_features)]
-                desc = (f"'{m.keys['A']}' {list(m.A.shape)} and '{m.keys['B']}' {list(m.B.shape)} need a weight of "
+                desc = (f"'{m.keys['A']}' {list(m.shape('A'))} and '{m.keys['B']}' {list(m.shape('B'))} need a weight of "
                         f"shape [{m.out_features}, {m.in_features}] (or [{m.in_features}, {m.out_features}] for "
                         f"GPT-2 style Conv1D)")
             if shape not in expected:

@@ -18,6 +18,7 @@ import torch
 
 from merge_ops.checkpoint import Checkpoint
 from merge_ops.errors import InputError, UnsupportedError
+import merge_ops.lora as lora_mod
 from merge_ops.lora import LoraAdapter
 from merge_ops.safetensors_io import read_rows
 from tests.adapter_noise import perturb_adapter
@@ -34,6 +35,15 @@ LLAMA_MODULE_OF = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
+
+
+@pytest.fixture(autouse=True, params=[None, 1], ids=["resident-default", "resident-1"])
+def resident_modules(request, monkeypatch) -> int:
+    """Every test runs twice: with the default number of adapter modules kept in memory, and with one, so every
+    module's matrices are dropped and read again from the file as the merge moves on (same results required)."""
+    if request.param:
+        monkeypatch.setattr(lora_mod, "RESIDENT_MODULES", request.param)
+    return lora_mod.RESIDENT_MODULES
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +145,28 @@ def test_plain_lora_all_linears(tmp_path, llama_base):
     # float64 rows give float64 results (the delta is computed in the caller's dtype)
     w = Checkpoint.open(llama_base).read("model.layers.0.mlp.up_proj.weight").double()
     assert adapter.apply("model.layers.0.mlp.up_proj.weight", w).dtype == torch.float64
+
+
+def test_adapter_matrices_stay_few_in_memory(tmp_path, llama_base, monkeypatch, resident_modules):
+    """An adapter's matrices are read when a module is used and only RESIDENT_MODULES modules keep them: opening
+    the adapter checks every module (shapes, NaN/inf) without keeping them all, and a merge over every tensor never
+    holds more, so peak memory does not grow with the adapter (14 modules here)."""
+    ad_dir = make_adapter(tmp_path, llama_base, target_modules=LLAMA_LINEARS)
+    adapter = LoraAdapter.open(ad_dir)
+    mods = list(adapter._modules.values())
+    assert len(mods) == 14 > resident_modules
+    resident = lambda: sum(1 for m in mods if m._arr)  # noqa: E731
+    assert 1 <= resident() <= resident_modules
+    peak, touch = 0, lora_mod._Resident.touch
+
+    def spy(self, m):
+        nonlocal peak
+        touch(self, m)
+        peak = max(peak, resident())
+
+    monkeypatch.setattr(lora_mod._Resident, "touch", spy)
+    assert_matches_peft(adapter, llama_base, peft_reference(llama_base, ad_dir))
+    assert 1 <= peak <= resident_modules
 
 
 def test_rank_and_alpha_pattern(tmp_path, llama_base):

@@ -43,6 +43,16 @@ P = "base_model.model."
 LL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True, params=[None, 1], ids=["resident-default", "resident-1"])
+def _resident_modules(request, monkeypatch):
+    """Also with one adapter module kept in memory at a time (matrices dropped and read again; tied embeddings
+    derive the head's matrices from the embedding's): the results must not change."""
+    import merge_ops.lora as lora_mod
+
+    if request.param:
+        monkeypatch.setattr(lora_mod, "RESIDENT_MODULES", request.param)
+
+
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
