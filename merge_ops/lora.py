@@ -200,9 +200,6 @@ class _Resident:
                 old._drop()
 
 
-_SLOTS = ("A", "B", "magnitude", "bias")
-
-
 @dataclass
 class _Module:
     """The LoRA update of one base module (``path`` is the module path, e.g. ``model.layers.0.self_attn.q_proj``).

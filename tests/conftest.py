@@ -39,6 +39,18 @@ def _free_module_temp_dirs(request, tmp_path_factory):
             shutil.rmtree(p, ignore_errors=True)
 
 
+@pytest.fixture(params=[None, 1], ids=["resident-default", "resident-1"])
+def resident_modules(request, monkeypatch) -> int:
+    """Runs a test twice: with the default number of LoRA adapter modules kept in memory, and with one, so every
+    module's matrices (tied-embedding ones derived from the head's included) are dropped and read again from the
+    file as the merge moves on; results must not change. Returns the number in effect."""
+    import merge_ops.lora as lora_mod
+
+    if request.param:
+        monkeypatch.setattr(lora_mod, "RESIDENT_MODULES", request.param)
+    return lora_mod.RESIDENT_MODULES
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory) -> dict[str, Path]:
     """A bf16 base, two fine-tunes and a LoRA adapter of it."""

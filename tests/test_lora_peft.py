@@ -27,6 +27,9 @@ from tests.tiny_models import save_tiny_llama
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+# every test twice: default adapter-module residency and one module (tests/conftest.py::resident_modules)
+pytestmark = pytest.mark.usefixtures("resident_modules")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 TOL = 1e-6
@@ -35,15 +38,6 @@ LLAMA_MODULE_OF = {
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
-
-
-@pytest.fixture(autouse=True, params=[None, 1], ids=["resident-default", "resident-1"])
-def resident_modules(request, monkeypatch) -> int:
-    """Every test runs twice: with the default number of adapter modules kept in memory, and with one, so every
-    module's matrices are dropped and read again from the file as the merge moves on (same results required)."""
-    if request.param:
-        monkeypatch.setattr(lora_mod, "RESIDENT_MODULES", request.param)
-    return lora_mod.RESIDENT_MODULES
 
 
 @pytest.fixture(autouse=True)

@@ -43,14 +43,8 @@ P = "base_model.model."
 LL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, params=[None, 1], ids=["resident-default", "resident-1"])
-def _resident_modules(request, monkeypatch):
-    """Also with one adapter module kept in memory at a time (matrices dropped and read again; tied embeddings
-    derive the head's matrices from the embedding's): the results must not change."""
-    import merge_ops.lora as lora_mod
-
-    if request.param:
-        monkeypatch.setattr(lora_mod, "RESIDENT_MODULES", request.param)
+# every test twice: default adapter-module residency and one module (tests/conftest.py::resident_modules)
+pytestmark = pytest.mark.usefixtures("resident_modules")
 
 
 @pytest.fixture(autouse=True)
